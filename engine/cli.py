@@ -1,0 +1,189 @@
+"""`ddpm-engine`: sample images or interpolations from a checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from engine.checkpoint import Checkpoint, CheckpointError, load_checkpoint
+from engine.generate import SampleSettings, generate, interpolate
+from engine.images import check_writable, grid, save_png, staged_output, write_samples
+from engine.noise import MASK32
+
+BUNDLED_CHECKPOINT = Path(__file__).parent / "weights" / "cifar10-compact.safetensors"
+
+EXAMPLES = """examples:
+  ddpm-engine sample --checkpoint runs/tiny/model.safetensors -n 20 --out samples
+  ddpm-engine sample -n 100 --classes cat,dog --guidance 1.8 --sampler ddim --steps 50
+  ddpm-engine sample -n 8 --sampler ddpm --variance small --seed 7 --batch-size 4
+  ddpm-engine interpolate --class 3 --pairs 2 --frames 9 --out interp
+"""
+
+
+class UsageError(Exception):
+    """Bad command-line input, found after parsing (e.g. a class the checkpoint doesn't have)."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is ONE line on stderr (and exit status 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def int_range(lo: int, hi: int | None = None):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < lo or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"{value} is out of range [{lo}, {hi if hi is not None else 'inf'}]")
+        return value
+    return parse
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 0")
+    return value
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="ddpm-engine", description="Sample class-conditional DDPM images with classifier-free guidance.",
+                    epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--checkpoint", type=Path, default=None,
+                       help="a .safetensors checkpoint (default: the bundled CIFAR-10 model)")
+        p.add_argument("--guidance", "-w", type=non_negative_float, default=None,
+                       help="guidance scale w in (1 + w) eps(x, c) - w eps(x, null); 0 = purely conditional "
+                            "(default: 1.8 for sample, 0 for interpolate)")
+        p.add_argument("--seed", type=int_range(0, MASK32), default=0, help="run seed (default: 0)")
+        p.add_argument("--device", default="auto", help="auto, cpu or cuda[:k] (default: auto)")
+        p.add_argument("--backend", choices=["auto", "eager"], default="auto",
+                       help="model implementation (default: auto = the fastest correct one here)")
+        p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    sample = commands.add_parser("sample", help="sample N images", epilog=EXAMPLES,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    common(sample)
+    sample.add_argument("-n", type=int_range(1), default=None, help="number of images (default: 10 per class)")
+    sample.add_argument("--classes", default=None, help="comma-separated class indices or names (default: all)")
+    sample.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddim", help="default: ddim")
+    sample.add_argument("--steps", type=int_range(1), default=None,
+                        help="sampling steps (default: T for ddpm, 50 for ddim)")
+    sample.add_argument("--eta", type=non_negative_float, default=0.0, help="DDIM eta (default: 0, deterministic)")
+    sample.add_argument("--variance", choices=["large", "small"], default="large",
+                        help="DDPM sigma_t^2: beta_t (large) or the posterior variance (small)")
+    sample.add_argument("--spacing", choices=["uniform", "quadratic"], default="uniform",
+                        help="timestep spacing when steps < T (default: uniform)")
+    sample.add_argument("--clip-x0", action="store_true", help="clip the predicted x_0 to [-1, 1] at each step")
+    sample.add_argument("--batch-size", type=int_range(1), default=256, help="images per model call (default: 256)")
+    sample.add_argument("--out", type=Path, default=Path("samples"), help="output folder (default: ./samples)")
+
+    interp = commands.add_parser("interpolate", help="interpolate between pairs of samples (lerp and slerp)",
+                                 epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common(interp)
+    interp.add_argument("--class", dest="class_name", default="0", help="class index or name (default: 0)")
+    interp.add_argument("--pairs", type=int_range(1), default=1, help="pairs of end points (default: 1)")
+    interp.add_argument("--frames", type=int_range(2), default=9, help="images per row, ends included (default: 9)")
+    interp.add_argument("--steps", type=int_range(1), default=50, help="DDIM steps (default: 50)")
+    interp.add_argument("--out", type=Path, default=Path("interpolation"), help="output folder (default: ./interpolation)")
+    return parser
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"unknown device {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda asked for, but CUDA is not available")
+    return device
+
+
+def open_checkpoint(path: Path | None, device: torch.device) -> Checkpoint:
+    if path is None:
+        if not BUNDLED_CHECKPOINT.is_file():
+            raise UsageError("this install has no bundled model; pass --checkpoint PATH "
+                             "(train one with: ddpm-train --preset tiny --dataset synthetic --out runs/tiny)")
+        path = BUNDLED_CHECKPOINT
+    return load_checkpoint(path, device)
+
+
+def parse_classes(text: str | None, class_names: tuple[str, ...]) -> list[int]:
+    if text is None:
+        return list(range(len(class_names)))
+    classes = []
+    for item in text.split(","):
+        item = item.strip()
+        if item in class_names:
+            classes.append(class_names.index(item))
+        elif item.isdigit() and int(item) < len(class_names):
+            classes.append(int(item))
+        else:
+            raise UsageError(f"unknown class {item!r}; this model has 0..{len(class_names) - 1}: {', '.join(class_names)}")
+    return classes
+
+
+def check_steps(steps: int | None, num_timesteps: int) -> None:
+    if steps is not None and steps > num_timesteps:
+        raise UsageError(f"--steps {steps} exceeds the model's T = {num_timesteps}")
+
+
+def cmd_sample(args) -> None:
+    check_writable(args.out)
+    device = resolve_device(args.device)
+    ckpt = open_checkpoint(args.checkpoint, device)
+    classes = parse_classes(args.classes, ckpt.class_names)
+    check_steps(args.steps, ckpt.diffusion.num_timesteps)
+    n = args.n if args.n is not None else 10 * len(classes)
+    guidance = 1.8 if args.guidance is None else args.guidance
+    settings = SampleSettings(sampler=args.sampler, steps=args.steps, eta=args.eta, variance=args.variance,
+                              spacing=args.spacing, guidance=guidance, clip_x0=args.clip_x0)
+    images, labels = generate(ckpt.model, ckpt.model.config, ckpt.diffusion, settings, torch.arange(n), classes,
+                              args.seed, args.batch_size, device, progress=not args.no_progress)
+    write_samples(args.out, images, labels, classes)
+    print(f"wrote {n} images to {args.out}/ (grid.png, images/, samples.npz)")
+
+
+def cmd_interpolate(args) -> None:
+    check_writable(args.out)
+    device = resolve_device(args.device)
+    ckpt = open_checkpoint(args.checkpoint, device)
+    (class_index,) = parse_classes(args.class_name, ckpt.class_names)
+    check_steps(args.steps, ckpt.diffusion.num_timesteps)
+    images = interpolate(ckpt.model, ckpt.model.config, ckpt.diffusion, class_index, args.pairs, args.frames,
+                         args.seed, args.steps, args.guidance or 0.0, device, progress=not args.no_progress)
+    with staged_output(args.out) as stage:
+        rows = [images[i:i + args.frames] for i in range(0, len(images), args.frames)]
+        save_png(stage / "interpolation.png", grid(rows), scale=2)
+    print(f"wrote {args.out}/interpolation.png (rows: lerp then slerp for each of {args.pairs} pair(s))")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        {"sample": cmd_sample, "interpolate": cmd_interpolate}[args.command](args)
+    except (UsageError, CheckpointError, OSError, ValueError) as e:
+        print(f"ddpm-engine {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"ddpm-engine {args.command}: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

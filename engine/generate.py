@@ -1,0 +1,97 @@
+"""Sampling N images from a checkpoint, in batches, with per-image seeds; interpolation.
+
+Image i of a run has label classes[i % len(classes)] and its own noise key derived from
+(seed, i), so it comes out the same whatever the batch size or the process that draws it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from engine.config import ModelConfig
+from engine.noise import INITIAL_STREAM, gaussian_noise, image_keys
+from engine.sampler import SamplerPlan, ddim_plan, ddpm_plan, sample_loop
+
+
+@dataclass(frozen=True)
+class SampleSettings:
+    sampler: str = "ddpm"           # "ddpm" or "ddim"
+    steps: int | None = None        # None: all T steps for DDPM, 50 for DDIM
+    eta: float = 0.0                # DDIM only
+    variance: str = "large"         # DDPM only: "large" (sigma^2 = beta) or "small" (posterior)
+    spacing: str = "uniform"        # "uniform" or "quadratic"
+    guidance: float = 0.0           # w in (1 + w) eps(x, c) - w eps(x, null)
+    clip_x0: bool = False
+
+
+def make_plan(settings: SampleSettings, diffusion) -> SamplerPlan:
+    if settings.sampler == "ddpm":
+        return ddpm_plan(diffusion, settings.steps, settings.variance, settings.spacing)
+    if settings.sampler == "ddim":
+        return ddim_plan(diffusion, settings.steps or 50, settings.eta, settings.spacing)
+    raise ValueError(f"unknown sampler {settings.sampler!r}; use ddpm or ddim")
+
+
+def labels_for(indices: torch.Tensor, classes: list[int]) -> torch.Tensor:
+    return torch.tensor(classes, dtype=torch.int64)[indices % len(classes)]
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """[-1, 1] float NCHW -> uint8 NHWC."""
+    return ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def generate(model: nn.Module, config: ModelConfig, diffusion, settings: SampleSettings, indices: torch.Tensor,
+             classes: list[int], seed: int, batch_size: int, device: torch.device | str = "cpu",
+             progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Sample the images with the given global indices; returns (uint8 N x H x W x 3, int64 labels)."""
+    plan = make_plan(settings, diffusion).to(device)
+    shape = (config.in_channels, config.image_size, config.image_size)
+    batches = indices.split(batch_size)
+    images, labels = [], []
+    with tqdm(total=len(batches) * plan.num_steps, desc="sampling", unit="step", disable=not progress) as bar:
+        for batch in batches:
+            y = labels_for(batch, classes)
+            x = sample_loop(model, plan, y.to(device), image_keys(seed, batch).to(device), shape,
+                            settings.guidance, config.null_class, settings.clip_x0, on_step=bar.update)
+            images.append(to_uint8(x))
+            labels.append(y.numpy())
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """Spherical interpolation of each pair of rows of a, b (flattened), for each lam."""
+    a2, b2 = a.flatten(1).double(), b.flatten(1).double()
+    theta = torch.arccos((a2 * b2).sum(1) / (a2.norm(dim=1) * b2.norm(dim=1))).clamp(min=1e-6)[:, None, None]
+    lam = lam.double()[None, :, None]
+    out = (torch.sin((1 - lam) * theta) * a2[:, None] + torch.sin(lam * theta) * b2[:, None]) / torch.sin(theta)
+    return out.to(a.dtype).reshape(len(a), len(lam[0]), *a.shape[1:])
+
+
+def interpolate(model: nn.Module, config: ModelConfig, diffusion, class_index: int, pairs: int, frames: int,
+                seed: int, steps: int, guidance: float, device: torch.device | str = "cpu",
+                progress: bool = True) -> np.ndarray:
+    """Interpolate between the initial noises of image pairs (2p, 2p + 1) of the run (report figures 4-5).
+
+    Each pair gives two rows: linear interpolation of x_T (the report's), then spherical
+    interpolation, which keeps x_T at the norm the model expects. Decoded with the
+    deterministic DDIM sampler (eta = 0). Returns uint8 (pairs * 2 * frames) x H x W x 3.
+    """
+    shape = (config.in_channels, config.image_size, config.image_size)
+    keys = image_keys(seed, torch.arange(2 * pairs))
+    ends = gaussian_noise(keys, INITIAL_STREAM, shape).reshape(pairs, 2, *shape)
+    a, b = ends[:, 0], ends[:, 1]
+    lam = torch.linspace(0, 1, frames)
+    lerp = a[:, None] + lam.view(1, -1, 1, 1, 1) * (b - a)[:, None]
+    x_T = torch.stack([lerp, slerp(a, b, lam)], dim=1).reshape(-1, *shape)  # pair, kind, frame
+    plan = ddim_plan(diffusion, steps, eta=0.0).to(device)
+    y = torch.full((len(x_T),), class_index, dtype=torch.int64, device=device)
+    with tqdm(total=plan.num_steps, desc="interpolating", unit="step", disable=not progress) as bar:
+        x = sample_loop(model, plan, y, torch.zeros(len(x_T), dtype=torch.int64, device=device), shape,
+                        guidance, config.null_class, x_T=x_T.to(device), on_step=bar.update)
+    return to_uint8(x)

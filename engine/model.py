@@ -1,0 +1,168 @@
+"""The DDPM U-Net (Ho et al. 2020, Appendix B), class-conditional for classifier-free
+guidance (Ho & Salimans 2022).
+
+This eager PyTorch definition is the reference for every other backend: fast variants
+are made from it by swapping modules, with the same weights.
+
+Notation: `t` is the integer timestep in [0, T) (the paper's t - 1), `y` the class
+label in [0, num_classes], where `num_classes` is the learned null class.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.config import ModelConfig
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding of the timestep, as in the Transformer (Vaswani et al. 2017)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / (half - 1))
+    angles = t.float()[:, None] * freqs[None, :]
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm whose statistics are always computed in float32 (guided-diffusion's)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.float()).to(x.dtype)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float, groups: int):
+        super().__init__()
+        self.norm1 = GroupNorm32(groups, in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.emb_proj = nn.Linear(emb_dim, out_ch)
+        self.norm2 = GroupNorm32(groups, out_ch)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.emb_proj(F.silu(emb))[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.shortcut(x) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over the H x W positions, with a residual connection."""
+
+    def __init__(self, ch: int, groups: int):
+        super().__init__()
+        self.norm = GroupNorm32(groups, ch)
+        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
+        self.proj_out = nn.Conv2d(ch, ch, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(b, 3, 1, c, h * w).transpose(-1, -2)
+        q, k, v = qkv.unbind(1)  # each (b, heads=1, tokens, c)
+        out = F.scaled_dot_product_attention(q, k, v)
+        out = out.transpose(-1, -2).reshape(b, c, h, w)
+        return x + self.proj_out(out)
+
+
+class Downsample(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class UNet(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        ch, emb_dim, groups, dropout = config.ch, config.time_embed_dim, config.num_groups, config.dropout
+
+        self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.class_embed = nn.Embedding(config.num_classes + 1, emb_dim)
+        self.conv_in = nn.Conv2d(config.in_channels, ch, 3, padding=1)
+
+        # Downsampling path; skip_channels records what each skip connection carries.
+        self.down = nn.ModuleList()
+        skip_channels = [ch]
+        cur_ch, resolution = ch, config.image_size
+        for level, mult in enumerate(config.ch_mult):
+            for _ in range(config.num_res_blocks):
+                block = nn.ModuleList([ResBlock(cur_ch, ch * mult, emb_dim, dropout, groups)])
+                cur_ch = ch * mult
+                if resolution in config.attn_resolutions:
+                    block.append(AttnBlock(cur_ch, groups))
+                self.down.append(block)
+                skip_channels.append(cur_ch)
+            if level != len(config.ch_mult) - 1:
+                self.down.append(nn.ModuleList([Downsample(cur_ch)]))
+                skip_channels.append(cur_ch)
+                resolution //= 2
+
+        self.mid = nn.ModuleList([
+            ResBlock(cur_ch, cur_ch, emb_dim, dropout, groups),
+            AttnBlock(cur_ch, groups),
+            ResBlock(cur_ch, cur_ch, emb_dim, dropout, groups),
+        ])
+
+        # Upsampling path: num_res_blocks + 1 blocks a level, each eating one skip.
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(config.ch_mult))):
+            for _ in range(config.num_res_blocks + 1):
+                block = nn.ModuleList([ResBlock(cur_ch + skip_channels.pop(), ch * mult, emb_dim, dropout, groups)])
+                cur_ch = ch * mult
+                if resolution in config.attn_resolutions:
+                    block.append(AttnBlock(cur_ch, groups))
+                self.up.append(block)
+            if level != 0:
+                self.up.append(nn.ModuleList([Upsample(cur_ch)]))
+                resolution *= 2
+
+        self.norm_out = GroupNorm32(groups, cur_ch)
+        self.conv_out = nn.Conv2d(cur_ch, config.in_channels, 3, padding=1)
+
+    def embed(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The conditioning vector: time-embedding MLP plus the learned class embedding."""
+        return self.time_mlp(timestep_embedding(t, self.config.ch)) + self.class_embed(y)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Predict the noise epsilon in x_t (Ho et al. 2020, Eq. 11)."""
+        emb = self.embed(t, y).to(x.dtype)
+        h = self.conv_in(x)
+        skips = [h]
+        for block in self.down:
+            h = _run_block(block, h, emb)
+            skips.append(h)
+        h = _run_block(self.mid, h, emb)
+        for block in self.up:
+            if isinstance(block[0], ResBlock):
+                h = torch.cat([h, skips.pop()], dim=1)
+            h = _run_block(block, h, emb)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+def _run_block(block: nn.ModuleList, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    for layer in block:
+        h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
+    return h
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
