@@ -1,0 +1,241 @@
+"""End-to-end runs of the trainer on the tiny preset (a few steps, batch 4)."""
+
+import csv
+import dataclasses
+import math
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from engine.checkpoint import load_checkpoint
+from engine.cli import main as engine_main
+from training.cli import main as train_main
+from training.state import load_state
+from training.train import TrainConfig, train
+
+ROOT = Path(__file__).resolve().parents[2]
+STEPS = 6
+
+
+def make_config(out, **changes) -> TrainConfig:
+    # dropout and label dropping on, so that every kind of randomness takes part.
+    base = TrainConfig(preset="tiny", dataset="synthetic", out=str(out), steps=STEPS, batch_size=4, lr=1e-3,
+                       dropout=0.1, p_uncond=0.5, checkpoint_every=3, sample_every=0, log_every=1, progress=False)
+    return dataclasses.replace(base, **changes)
+
+
+def run_python(code: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **env}, timeout=300)
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "state.safetensors"))
+
+
+def log_rows(run: Path) -> list[dict]:
+    with open(run / "log.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> Path:
+    """The reference: STEPS steps in one go."""
+    out = tmp_path_factory.mktemp("straight") / "run"
+    train(make_config(out))
+    return out
+
+
+class Stop(Exception):
+    pass
+
+
+def stop_at(step):
+    def on_step(done):
+        if done == step:
+            raise Stop
+    return on_step
+
+
+def test_outputs(straight):
+    names = {p.name for p in straight.iterdir()}
+    assert {"model.safetensors", "state.safetensors", "log.csv", "samples"} <= names
+    rows = log_rows(straight)
+    assert [int(r["step"]) for r in rows] == list(range(1, STEPS + 1))
+    assert {"step", "epoch", "lr", "loss", "grad_norm", "ema_decay", "images_per_s"} <= set(rows[0])
+    assert all(math.isfinite(float(r["loss"])) for r in rows)
+    assert float(rows[-1]["epoch"]) == pytest.approx(STEPS * 4 / 1000)
+    # model.safetensors holds the EMA weights, which differ from the raw ones.
+    ckpt = load_checkpoint(straight / "model.safetensors")
+    state = load_state(straight / "state.safetensors")
+    assert state.step == STEPS
+    for name, value in ckpt.model.state_dict().items():
+        assert torch.equal(value, state.ema[name])
+    assert any(not torch.equal(state.ema[k], state.model[k]) for k in state.model)
+    assert ckpt.model.config.dropout == 0.1 and ckpt.class_names[0] == "disk"
+
+
+def test_resume_is_exact(straight, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(Stop):
+        train(make_config(out), on_step=stop_at(STEPS // 2))
+    assert load_state(out / "state.safetensors").step == STEPS // 2
+    train(make_config(out, resume=True))
+    a, b = weights(straight), weights(out)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name  # raw weights, EMA and AdamW moments, bit for bit
+    assert [r["loss"] for r in log_rows(out)] == [r["loss"] for r in log_rows(straight)]
+
+
+def test_resume_drops_log_rows_after_the_checkpoint(straight, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(Stop):
+        train(make_config(out), on_step=stop_at(4))  # checkpoint at 3, log rows up to 4
+    assert len(log_rows(out)) == 4
+    with pytest.raises(Stop):
+        train(make_config(out, resume=True), on_step=stop_at(3 + 1))
+    assert [int(r["step"]) for r in log_rows(out)] == [1, 2, 3, 4]
+    assert [r["loss"] for r in log_rows(out)] == [r["loss"] for r in log_rows(straight)][:4]
+
+
+KILLED_RUN = """
+    import os, signal, sys
+    import training.state
+    from tests.training.test_train import make_config
+    from training.train import train
+
+    out, mode = sys.argv[1], sys.argv[2]
+    real_save_file = training.state.save_file
+    saves = []
+
+    def save_file(tensors, path, metadata):
+        saves.append(path)
+        if mode == "during-write" and len(saves) == 2:
+            with open(path, "wb") as f:  # half a file, then the power goes
+                f.write(b"\\x00" * 1000)
+            os.kill(os.getpid(), signal.SIGKILL)
+        real_save_file(tensors, path, metadata=metadata)
+
+    def on_step(done):
+        if mode == "after-checkpoint" and done == 4:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    training.state.save_file = save_file
+    train(make_config(out), on_step=on_step)
+"""
+
+
+@pytest.mark.parametrize("mode", ["during-write", "after-checkpoint"])
+def test_kill_9_then_resume(straight, tmp_path, mode):
+    out = tmp_path / "run"
+    child = subprocess.run([sys.executable, "-c", textwrap.dedent(KILLED_RUN), str(out), mode], cwd=ROOT,
+                           capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    assert child.returncode == -9, child.stderr
+    assert load_state(out / "state.safetensors").step == 3  # the previous checkpoint, intact
+    load_checkpoint(out / "model.safetensors")
+    if mode == "during-write":
+        assert list(out.glob(".state.safetensors.*.tmp"))  # the half-written file, never renamed
+    train(make_config(out, resume=True))
+    assert not list(out.glob(".*.tmp"))
+    a, b = weights(straight), weights(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_processes_match_one(straight, tmp_path):
+    """torchrun with 2 CPU processes (gloo), 2 images each, == 1 process with batch 4."""
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "training.cli", "--preset", "tiny", "--dataset", "synthetic", "--out", str(out),
+           "--steps", str(STEPS), "--batch-size", "4", "--lr", "1e-3", "--dropout", "0.1", "--p-uncond", "0.5",
+           "--checkpoint-every", "3", "--sample-every", "0", "--log-every", "1", "--no-progress"]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("wrote") == 1  # only rank 0 writes and reports
+    # Same samples, timesteps, noise, label drops, flips and dropout masks: the same losses.
+    for ra, rb in zip(log_rows(straight), log_rows(out), strict=True):
+        assert float(rb["loss"]) == pytest.approx(float(ra["loss"]), rel=1e-4)
+    # In the tiny preset each GroupNorm group is ONE channel, which removes every per-channel
+    # constant: the biases and the whole time/class-embedding path get gradients that are zero
+    # up to rounding, which Adam turns into +-lr steps of either sign. Compare the weights that
+    # carry signal, to a tenth of one step.
+    a, b = weights(straight), weights(out)
+    assert a.keys() == b.keys()
+    signal = [k for k in a if k.endswith(".weight") and not re.search("time_mlp|class_embed|emb_proj", k)]
+    assert len(signal) > 20
+    for name in signal:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=0.1 * 1e-3, msg=name)
+
+
+def test_cli_run_samples_and_engine_loads_it(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train_main(["--preset", "tiny", "--dataset", "synthetic", "--steps", "2", "--batch-size", "2",
+                       "--out", str(out), "--sample-every", "1", "--sample-steps", "2", "--no-progress"]) == 0
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step-0000001.png", "step-0000002.png"]
+    assert engine_main(["sample", "--checkpoint", str(out / "model.safetensors"), "-n", "2", "--steps", "2",
+                        "--out", str(tmp_path / "samples"), "--no-progress"]) == 0
+    assert (tmp_path / "samples" / "grid.png").is_file()
+    # --resume keeps the run's settings: extending it works, changing them is refused.
+    assert train_main(["--out", str(out), "--resume", "--steps", "3", "--sample-every", "0", "--no-progress"]) == 0
+    assert load_state(out / "state.safetensors").step == 3
+    capsys.readouterr()
+    assert train_main(["--out", str(out), "--resume", "--steps", "4", "--lr", "0.5", "--no-progress"]) == 1
+    assert "--lr 0.5 differs" in capsys.readouterr().err
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    return err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--preset", "huge", "--dataset", "synthetic"], "invalid choice: 'huge'"),
+    (["--preset", "tiny", "--dataset", "synthetic", "--steps", "-1"], "out of range"),
+    (["--preset", "tiny", "--dataset", "synthetic", "--p-uncond", "1.5"], "must be in [0, 1]"),
+])
+def test_bad_arguments(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as e:
+        train_main([*argv, "--out", str(tmp_path / "run")])
+    assert e.value.code == 2
+    assert message in one_error_line(capsys)
+
+
+def test_bad_input_is_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    (tmp_path / "data" / "cifar-10-python.tar.gz").parent.mkdir()
+    (tmp_path / "data" / "cifar-10-python.tar.gz").write_bytes(b"garbage")
+    cases = [
+        (["--preset", "tiny", "--dataset", "folder", "--data-dir", str(tmp_path / "none")], "not a folder"),
+        (["--preset", "tiny", "--dataset", "cifar10", "--data-dir", str(tmp_path / "data")], "not a readable"),
+        (["--preset", "tiny", "--dataset", "stl10", "--data-dir", str(tmp_path)], "train_X.bin"),
+        (["--preset", "tiny", "--dataset", "synthetic", "--out", str(tmp_path / "file" / "run")], "does not exist"),
+        (["--dataset", "synthetic"], "--preset and --dataset are required"),
+    ]
+    for argv, message in cases:
+        out = [] if "--out" in argv else ["--out", str(tmp_path / "run")]
+        assert train_main([*argv, *out, "--steps", "1", "--no-progress"]) == 1
+        assert message in one_error_line(capsys)
+    assert not (tmp_path / "run" / "state.safetensors").exists()
+
+
+def test_help_has_examples(capsys):
+    with pytest.raises(SystemExit) as e:
+        train_main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    assert "examples:" in text and "torchrun --nproc-per-node" in text and "--resume" in text
+
+
+def test_existing_run_needs_resume(straight, capsys):
+    assert train_main(["--preset", "tiny", "--dataset", "synthetic", "--out", str(straight), "--steps", "1"]) == 1
+    assert "pass --resume" in one_error_line(capsys)

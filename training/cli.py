@@ -1,0 +1,169 @@
+"""`ddpm-train`: train a class-conditional DDPM; parses the flags, then calls training.train.train."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from pathlib import Path
+
+from engine.checkpoint import CheckpointError
+from engine.cli import Parser, int_range, non_negative_float
+from engine.config import PRESETS
+from training.data import DATASETS, DatasetError
+from training.state import StateError
+from training.train import DEFAULT_EPOCHS, HYPERPARAMETERS, OtherRankFailed, TrainConfig, saved_config, train
+
+EXAMPLES = """examples:
+  # a CPU smoke run (a minute or two), then sample from it
+  ddpm-train --preset tiny --dataset synthetic --steps 500 --batch-size 32 --out runs/tiny
+  ddpm-engine sample --checkpoint runs/tiny/model.safetensors -n 20 --out samples
+
+  # the report's CIFAR-10 run (downloads the official archive into ./data when absent)
+  ddpm-train --preset ddpm-cifar10 --dataset cifar10 --epochs 200 --batch-size 128 --out runs/cifar10
+
+  # continue a run that stopped or was killed, from its last checkpoint
+  ddpm-train --out runs/cifar10 --resume
+
+  # STL-10 (stl10_binary/ extracted in ./data) on 8 GPUs, global batch 128
+  torchrun --nproc-per-node 8 -m training.cli --preset ddpm-stl10 --dataset stl10 --out runs/stl10
+
+  # an image folder (one sub-folder per class) with a plain linear warm-up to 2e-4
+  ddpm-train --preset cifar10-compact --dataset folder --data-dir cifar10-jpeg/train \\
+      --lr 2e-4 --warmup-multiplier 1 --warmup-epochs 10 --lr-schedule constant --out runs/jpeg
+"""
+
+DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+
+
+def positive_float(text: str) -> float:
+    value = non_negative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be > 0")
+    return value
+
+
+def unit_float(text: str) -> float:
+    value = non_negative_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"{value} must be in [0, 1]")
+    return value
+
+
+def below_one(text: str) -> float:
+    value = non_negative_float(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"{value} must be in [0, 1)")
+    return value
+
+
+def at_least_one(text: str) -> float:
+    value = non_negative_float(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
+
+
+def build_parser() -> Parser:
+    d = DEFAULTS
+    parser = Parser(prog="ddpm-train", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+                    description="Train a class-conditional DDPM with classifier-free guidance (label dropping), "
+                                "Eq. 6 warm-up, EMA and resumable checkpoints. Writes OUT/model.safetensors "
+                                "(EMA weights, loadable by ddpm-engine), OUT/state.safetensors (for --resume), "
+                                "OUT/log.csv and OUT/samples/step-XXXXXXX.png. Runs under torchrun for "
+                                "several GPUs (or CPU processes).")
+    # Hyper-parameters default to None here, so that --resume can tell a given flag from a default.
+    run = parser.add_argument_group("run")
+    run.add_argument("--preset", choices=list(PRESETS), help="model preset (required unless --resume)")
+    run.add_argument("--dataset", choices=DATASETS, help="training data (required unless --resume)")
+    run.add_argument("--data-dir", type=Path, default=None,
+                     help="where the dataset is (cifar10, stl10: default ./data; cifar10 is downloaded there "
+                          "when absent); for folder: the folder of class sub-folders")
+    run.add_argument("--out", type=Path, required=True, help="run folder")
+    length = run.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int_range(0), default=None, help="optimizer steps in total")
+    length.add_argument("--epochs", type=non_negative_float, default=None,
+                        help=f"passes over the data in total, fractional allowed (default: {DEFAULT_EPOCHS})")
+    run.add_argument("--batch-size", type=int_range(1), default=None,
+                     help=f"global batch, split between processes (default: {d['batch_size']})")
+    run.add_argument("--seed", type=int_range(0, 2**32 - 1), default=None, help=f"default: {d['seed']}")
+    run.add_argument("--resume", action="store_true",
+                     help="continue the run in --out from its last checkpoint (starts one if there is none)")
+
+    recipe = parser.add_argument_group("recipe")
+    recipe.add_argument("--lr", type=positive_float, default=None, help=f"base_lr of Eq. 6 (default: {d['lr']})")
+    recipe.add_argument("--warmup-multiplier", type=at_least_one, default=None,
+                        help=f"Eq. 6 multiplier: the rate ramps to lr * multiplier; 1 ramps from 0 to lr "
+                             f"(default: {d['warmup_multiplier']})")
+    recipe.add_argument("--warmup-epochs", type=non_negative_float, default=None,
+                        help="length of the ramp in (fractional) epochs (default: a tenth of the run)")
+    recipe.add_argument("--lr-schedule", choices=["constant", "cosine"], default=None,
+                        help=f"after the warm-up (default: {d['lr_schedule']}, to 0 at the end)")
+    recipe.add_argument("--weight-decay", type=non_negative_float, default=None,
+                        help=f"AdamW weight decay (default: {d['weight_decay']})")
+    recipe.add_argument("--grad-clip", type=positive_float, default=None,
+                        help=f"max gradient norm (default: {d['grad_clip']})")
+    recipe.add_argument("--p-uncond", type=unit_float, default=None,
+                        help=f"probability of training a sample on the null class (default: {d['p_uncond']})")
+    recipe.add_argument("--ema-decay", type=below_one, default=None, help=f"default: {d['ema_decay']}")
+    recipe.add_argument("--dropout", type=below_one, default=None, help="default: the preset's")
+
+    output = parser.add_argument_group("output and speed")
+    output.add_argument("--checkpoint-every", type=int_range(1), default=None,
+                        help=f"steps between checkpoints (default: {d['checkpoint_every']}; always at the end)")
+    output.add_argument("--sample-every", type=int_range(0), default=None,
+                        help=f"steps between sample grids, 0 for none (default: {d['sample_every']}; "
+                             f"and at the end)")
+    output.add_argument("--sample-steps", type=int_range(1), default=None,
+                        help=f"DDIM steps of the sample grids (default: {d['sample_steps']})")
+    output.add_argument("--log-every", type=int_range(1), default=None,
+                        help=f"steps between log.csv rows (default: {d['log_every']})")
+    output.add_argument("--device", default=None, help="auto, cpu or cuda[:k] (default: auto)")
+    output.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None,
+                        help="bf16 autocast (+ channels_last on CUDA) or fp32 (default: auto = bf16 on CUDA)")
+    output.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA: faster after warm-up)")
+    output.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return parser
+
+
+def make_config(args: argparse.Namespace) -> TrainConfig:
+    """Flags given on the command line, over the resumed run's settings or the defaults."""
+    given = {name: getattr(args, name) for name in DEFAULTS if getattr(args, name, None) is not None}
+    given["compile"], given["progress"], given["resume"] = args.compile, not args.no_progress, args.resume
+    given["out"] = str(args.out)
+    if args.data_dir is not None:
+        given["data_dir"] = str(args.data_dir)
+    saved = saved_config(args.out) if args.resume else None
+    if saved is None:
+        if args.preset is None or args.dataset is None:
+            raise ValueError("--preset and --dataset are required for a new run")
+        return TrainConfig(**given)
+    keep = {k: saved[k] for k in HYPERPARAMETERS if k not in given}
+    if "data_dir" not in given:
+        keep["data_dir"] = saved["data_dir"]
+    return TrainConfig(**(keep | given))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = make_config(args)
+        path = train(config)
+    except OtherRankFailed:
+        return 1
+    except (DatasetError, StateError, CheckpointError, OSError, ValueError) as e:
+        rank = os.environ.get("RANK", "0")
+        print(f"ddpm-train{'' if rank == '0' else f' [rank {rank}]'}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"ddpm-train: interrupted; the last checkpoint in {args.out} is intact (continue with --resume)",
+              file=sys.stderr)
+        return 130
+    if os.environ.get("RANK", "0") == "0":
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""The full training state, for --resume: ONE safetensors file, written atomically.
+
+Tensors: `model.*` (raw weights), `ema.*` (EMA weights), `optimizer.<param>.<name>`
+(AdamW moments and step counts). Metadata (JSON): the training config, the model config
+the run was built with, the step, the optimizer's hyper-parameters.
+
+There is no RNG state to store: every random draw of step s (data order, timesteps,
+noise, label drops, flips, dropout masks) comes from generators seeded with (seed, s)
+or (seed, epoch), so (seed, step) is the whole of it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from engine.checkpoint import atomic_write
+
+FORMAT = "ddpm-train-state/1"
+STATE_FILE = "state.safetensors"
+
+
+class StateError(Exception):
+    """A training state that is missing, unreadable or inconsistent with the run."""
+
+
+@dataclass
+class TrainingState:
+    step: int
+    train_config: dict
+    model_config: str
+    model: dict[str, torch.Tensor]
+    ema: dict[str, torch.Tensor]
+    optimizer: dict
+
+
+def save_state(path: str | os.PathLike, step: int, train_config: dict, model_config: str,
+               model: torch.nn.Module, ema: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    tensors |= {f"ema.{k}": v for k, v in ema.state_dict().items()}
+    opt = optimizer.state_dict()
+    scalars = {}
+    for index, param_state in opt["state"].items():
+        for name, value in param_state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optimizer.{index}.{name}"] = value
+            else:
+                scalars[f"{index}.{name}"] = value
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    metadata = {
+        "format": FORMAT,
+        "step": str(step),
+        "train_config": json.dumps(train_config),
+        "model_config": model_config,
+        "optimizer_param_groups": json.dumps(opt["param_groups"]),
+        "optimizer_scalars": json.dumps(scalars),
+    }
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def load_state(path: str | os.PathLike) -> TrainingState:
+    path = Path(path)
+    try:
+        with safe_open(str(path), "pt") as f:
+            metadata = f.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise StateError(f"{path} is not a readable training state ({e})") from None
+    if metadata.get("format") != FORMAT:
+        raise StateError(f"{path} is not a ddpm-train state (no '{FORMAT}' metadata)")
+    try:
+        step = int(metadata["step"])
+        train_config = json.loads(metadata["train_config"])
+        param_groups = json.loads(metadata["optimizer_param_groups"])
+        scalars = json.loads(metadata["optimizer_scalars"])
+    except (KeyError, ValueError) as e:
+        raise StateError(f"{path} has invalid metadata: {e}") from None
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    for key, value in scalars.items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    for group in param_groups:
+        group["betas"] = tuple(group["betas"])
+    return TrainingState(
+        step=step,
+        train_config=train_config,
+        model_config=metadata["model_config"],
+        model={k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")},
+        ema={k[len("ema."):]: v for k, v in tensors.items() if k.startswith("ema.")},
+        optimizer={"state": state, "param_groups": param_groups},
+    )

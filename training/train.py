@@ -1,0 +1,488 @@
+"""The training loop: the report's recipe (Eq. 6 warm-up, classifier-free guidance by label
+dropping), EMA, atomic checkpoints with exact resume, and DistributedDataParallel.
+
+Reproducibility: every random draw of step s is made from the default generator reseeded
+with (seed, s), for the GLOBAL batch, identically on every rank; each rank then takes its
+own slice. So the run is a pure function of (seed, step): resuming needs no RNG state,
+and K processes compute what one process computes on the same global batch. The data
+order of epoch e is a permutation seeded with (seed, e); sample g of the run (counting
+from 0 over all steps) is image perm_e[g mod N] of epoch e = g // N, so an epoch's
+images are split between the ranks and a batch may straddle two epochs.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import functools
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from torch import nn
+from tqdm import tqdm
+
+from engine.checkpoint import atomic_write, save_checkpoint
+from engine.config import DiffusionConfig, ModelConfig
+from engine.diffusion import alpha_bar as make_alpha_bar
+from engine.diffusion import eps_loss
+from engine.generate import SampleSettings, generate
+from engine.images import check_writable, class_rows, grid
+from engine.model import UNet
+from training.data import Dataset, load_dataset
+from training.state import STATE_FILE, StateError, load_state, save_state
+
+LOG_COLUMNS = ("step", "epoch", "lr", "loss", "grad_norm", "ema_decay", "images_per_s")
+SAMPLES_PER_CLASS = 8
+SAMPLE_GUIDANCE = 1.8  # the report's w
+DEFAULT_EPOCHS = 200  # the report's run length when neither --steps nor --epochs is given
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    preset: str
+    dataset: str
+    out: str
+    data_dir: str | None = None
+    steps: int | None = None            # total optimizer steps; or
+    epochs: float | None = None         # total passes over the data (fractional allowed)
+    batch_size: int = 128               # global batch, split between the processes
+    lr: float = 1e-4                    # base_lr of Eq. 6
+    warmup_multiplier: float = 2.0      # the peak rate is base_lr * multiplier
+    warmup_epochs: float | None = None  # None: a tenth of the run
+    lr_schedule: str = "cosine"         # after the warm-up: "constant" or "cosine" (to 0 at the end)
+    weight_decay: float = 1e-4
+    grad_clip: float = 1.0
+    p_uncond: float = 0.1               # probability of replacing a label by the null class
+    ema_decay: float = 0.9999
+    dropout: float | None = None        # None: the preset's
+    seed: int = 0
+    checkpoint_every: int = 1000
+    sample_every: int = 5000            # 0: no sample grids
+    sample_steps: int = 50              # DDIM steps of the sample grids
+    log_every: int = 10
+    device: str = "auto"
+    precision: str = "auto"            # "auto" (bf16 on CUDA, fp32 on CPU), "fp32" or "bf16"
+    compile: bool = False
+    progress: bool = True
+    resume: bool = False
+
+
+# The fields that define a run: a resumed run must keep them.
+HYPERPARAMETERS = ("preset", "dataset", "batch_size", "lr", "warmup_multiplier", "warmup_epochs", "lr_schedule",
+                   "weight_decay", "grad_clip", "p_uncond", "ema_decay", "dropout", "seed")
+
+
+# ---- the recipe's arithmetic -----------------------------------------------------------
+
+def get_lr(epoch: float, config: TrainConfig, total_epochs: float) -> float:
+    """Learning rate at a fractional epoch (step / steps_per_epoch)."""
+    base, multiplier, warm = config.lr, config.warmup_multiplier, config.warmup_epochs
+    if warm and epoch <= warm:
+        if multiplier == 1:
+            return base * epoch / warm  # plain linear warm-up from 0 (Ho et al. 2020)
+        return base * ((multiplier - 1) * epoch / warm + 1)  # the report's Eq. 6
+    peak = base * multiplier
+    if config.lr_schedule == "constant":
+        return peak
+    # Cosine decay from the peak at the end of the warm-up to 0 at the end of the run.
+    progress = min((epoch - (warm or 0)) / max(total_epochs - (warm or 0), 1e-12), 1.0)
+    return peak * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def ema_decay_at(step: int, decay: float) -> float:
+    """The EMA decay after `step` updates, warmed up so short runs are not dominated by the init."""
+    return min(decay, (1 + step) / (10 + step))
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, beta: float) -> None:
+    # p_ema <- p_net.lerp(p_ema, beta) = beta p_ema + (1 - beta) p_net, in float32 (EDM).
+    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1 - beta)
+    for b_ema, b in zip(ema.buffers(), model.buffers()):
+        b_ema.copy_(b)
+
+
+def run_seed(seed: int, purpose: int, counter: int) -> int:
+    """An independent 63-bit seed for (run seed, purpose, step or epoch)."""
+    return int(np.random.SeedSequence([seed, purpose, counter]).generate_state(1, np.uint64)[0]) >> 1
+
+
+STEP_DRAWS, EPOCH_ORDER = 0, 1
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(run_seed(seed, EPOCH_ORDER, epoch)))
+
+
+def batch_indices(step: int, global_batch: int, n: int, seed: int) -> torch.Tensor:
+    """Dataset indices of the global batch of `step` (see the module docstring)."""
+    g = step * global_batch + torch.arange(global_batch)
+    epochs, positions = g // n, g % n
+    indices = torch.empty_like(g)
+    for e in epochs.unique().tolist():
+        here = epochs == e
+        indices[here] = epoch_order(seed, e, n)[positions[here]]
+    return indices
+
+
+class GlobalBatchDropout(nn.Module):
+    """nn.Dropout whose mask is drawn for the global batch and sliced to this rank's part,
+    so that the masks of sample i do not depend on how the batch is split between processes."""
+
+    def __init__(self, p: float, rank: int, world_size: int):
+        super().__init__()
+        self.p, self.rank, self.world_size = p, rank, world_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        n = len(x)
+        u = torch.rand((n * self.world_size, *x.shape[1:]), device=x.device)[self.rank * n:(self.rank + 1) * n]
+        return x * ((u >= self.p).to(x.dtype) * (1 / (1 - self.p)))
+
+
+def use_global_batch_dropout(model: nn.Module, rank: int, world_size: int) -> None:
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, nn.Dropout):
+                setattr(module, name, GlobalBatchDropout(child.p, rank, world_size))
+
+
+# ---- processes and devices -------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Processes:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def start_processes() -> Processes:
+    """Join the torchrun process group when launched by torchrun (WORLD_SIZE > 1)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Processes()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)  # before NCCL starts, so each rank talks from its own GPU
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return Processes(dist.get_rank(), dist.get_world_size(), local_rank)
+
+
+def pick_device(name: str, procs: Processes) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda asked for, but CUDA is not available")
+        if device.index is None:
+            device = torch.device("cuda", procs.local_rank)
+        torch.cuda.set_device(device)
+    return device
+
+
+class OtherRankFailed(Exception):
+    """This process is fine but another one failed (and reports why)."""
+
+
+def all_ranks_ok(procs: Processes, error: BaseException | None) -> None:
+    """Raise on every rank if any rank failed, so that none waits forever in a collective.
+
+    The failure is reported by rank 0 if it failed, else by the ranks that did; the others
+    raise OtherRankFailed.
+    """
+    if procs.world_size > 1:
+        device = "cuda" if dist.get_backend() == "nccl" else "cpu"  # NCCL reduces only GPU tensors
+        failed = torch.zeros(procs.world_size, dtype=torch.int32, device=device)
+        failed[procs.rank] = error is not None
+        dist.all_reduce(failed)
+        if failed.any() and (error is None or (failed[0] and not procs.main)):
+            error = OtherRankFailed()
+    if error is not None:
+        raise error
+
+
+# ---- the run ---------------------------------------------------------------------------
+
+@dataclass
+class Run:
+    """Everything train() sets up before the loop."""
+
+    config: TrainConfig
+    model_config: ModelConfig
+    dataset: Dataset
+    total_steps: int
+    start_step: int
+    saved: object | None  # a TrainingState when resuming
+
+
+def resolve(config: TrainConfig, dataset_size: int, preset: ModelConfig) -> tuple[TrainConfig, int]:
+    """Fill in the defaults that depend on the data; returns (config, total steps)."""
+    if config.steps is not None:
+        total = config.steps
+    else:
+        epochs = config.epochs if config.epochs is not None else DEFAULT_EPOCHS
+        total = math.ceil(epochs * dataset_size / config.batch_size)
+    total_epochs = total * config.batch_size / dataset_size
+    config = dataclasses.replace(
+        config, steps=total, epochs=None,
+        warmup_epochs=config.warmup_epochs if config.warmup_epochs is not None else total_epochs / 10,
+        dropout=config.dropout if config.dropout is not None else preset.dropout)
+    return config, total
+
+
+def check_config(config: TrainConfig, procs: Processes) -> None:
+    problems = []
+    if config.batch_size < 1 or config.batch_size % procs.world_size:
+        problems.append(f"--batch-size {config.batch_size} must be a positive multiple of the "
+                        f"{procs.world_size} processes")
+    if config.steps is not None and config.steps < 0:
+        problems.append("--steps must be >= 0")
+    if config.epochs is not None and config.epochs < 0:
+        problems.append("--epochs must be >= 0")
+    if config.lr_schedule not in ("constant", "cosine"):
+        problems.append(f"unknown --lr-schedule {config.lr_schedule!r}; use constant or cosine")
+    if config.precision not in ("auto", "fp32", "bf16"):
+        problems.append(f"unknown --precision {config.precision!r}; use auto, fp32 or bf16")
+    if not 0 <= config.p_uncond <= 1:
+        problems.append("--p-uncond must be in [0, 1]")
+    if not 0 <= config.ema_decay < 1:
+        problems.append("--ema-decay must be in [0, 1)")
+    if config.dropout is not None and not 0 <= config.dropout < 1:
+        problems.append("--dropout must be in [0, 1)")
+    if config.lr <= 0 or config.warmup_multiplier < 1 or (config.warmup_epochs or 0) < 0:
+        problems.append("need --lr > 0, --warmup-multiplier >= 1 and --warmup-epochs >= 0")
+    for name in ("checkpoint_every", "log_every", "sample_steps"):
+        if getattr(config, name) < 1:
+            problems.append(f"--{name.replace('_', '-')} must be >= 1")
+    if config.sample_every < 0:
+        problems.append("--sample-every must be >= 0")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def saved_config(out: Path) -> dict | None:
+    """The resolved TrainConfig of the run in `out`, or None when it holds no state."""
+    path = out / STATE_FILE
+    return load_state(path).train_config if path.is_file() else None
+
+
+def prepare(config: TrainConfig, procs: Processes) -> Run:
+    check_config(config, procs)
+    out = Path(config.out)
+    check_writable(out)
+    preset = ModelConfig.from_name(config.preset)
+    state_path = out / STATE_FILE
+    saved = None
+    if state_path.is_file():
+        if not config.resume:
+            raise ValueError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+        saved = load_state(state_path)
+
+    # Rank 0 loads first: it may download, which the others must not race.
+    dataset, error = None, None
+    if procs.main:
+        try:
+            dataset = load_dataset(config.dataset, Path(config.data_dir) if config.data_dir else None,
+                                   preset.image_size, config.seed)
+        except Exception as e:  # reported on every rank below
+            error = e
+    all_ranks_ok(procs, error)
+    if not procs.main:
+        dataset = load_dataset(config.dataset, Path(config.data_dir) if config.data_dir else None,
+                               preset.image_size, config.seed)
+
+    if saved is not None:
+        wanted = {k: v for k, v in dataclasses.asdict(config).items()}
+        for key in HYPERPARAMETERS:
+            given = wanted[key]
+            if given is not None and given != saved.train_config[key]:
+                raise StateError(f"--{key.replace('_', '-')} {given} differs from the run's "
+                                 f"{saved.train_config[key]}; a resumed run keeps its settings")
+        steps = config.steps if config.steps is not None else (None if config.epochs is not None
+                                                                else saved.train_config["steps"])
+        config = dataclasses.replace(config, **{k: saved.train_config[k] for k in HYPERPARAMETERS},
+                                     steps=steps)
+    config, total = resolve(config, len(dataset), preset)
+    model_config = dataclasses.replace(preset, num_classes=dataset.num_classes, dropout=config.dropout)
+    if saved is not None:
+        if saved.model_config != model_config.to_json():
+            raise StateError(f"{state_path} was trained with a different model or dataset ({saved.model_config})")
+        if saved.step > total:
+            raise StateError(f"{state_path} is at step {saved.step}, past --steps {total}")
+    start = saved.step if saved is not None else 0
+    return Run(config, model_config, dataset, total, start, saved)
+
+
+def train(config: TrainConfig, on_step=None) -> Path:
+    """Train; returns the path of model.safetensors. on_step(step) is called after each step."""
+    procs = start_processes()
+    try:
+        return _train(config, procs, on_step)
+    finally:
+        if procs.world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(config: TrainConfig, procs: Processes, on_step) -> Path:
+    run, error = None, None
+    try:
+        run = prepare(config, procs)
+        device = pick_device(config.device, procs)
+    except Exception as e:
+        error = e
+    all_ranks_ok(procs, error)
+    config, mc, total = run.config, run.model_config, run.total_steps
+    out = Path(config.out)
+    if procs.main:
+        out.mkdir(exist_ok=True)
+        (out / "samples").mkdir(exist_ok=True)
+        for stale in [*out.glob(".*.tmp"), *(out / "samples").glob(".*.tmp")]:  # left by a killed write
+            stale.unlink(missing_ok=True)
+
+    bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
+    channels_last = device.type == "cuda" and bf16
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+    torch.manual_seed(config.seed)
+    model = UNet(mc)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    use_global_batch_dropout(model, procs.rank, procs.world_size)
+    model.to(device, memory_format=memory_format).train()
+    ema.to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
+                                  fused=device.type == "cuda")
+    if run.saved is not None:
+        model.load_state_dict(run.saved.model)
+        ema.load_state_dict(run.saved.ema)
+        optimizer.load_state_dict(run.saved.optimizer)
+        run.saved = None  # free the host copy
+
+    net: nn.Module = model
+    if procs.world_size > 1:
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
+    if config.compile:
+        net = torch.compile(net)
+
+    diffusion = DiffusionConfig()
+    alpha_bar = make_alpha_bar(diffusion).to(device, torch.float32)
+    images = run.dataset.images.to(device)  # uint8; 1/4 of float32's memory
+    labels = run.dataset.labels.to(device)
+    n, gb = len(images), config.batch_size
+    b = gb // procs.world_size
+    lo, hi = procs.rank * b, (procs.rank + 1) * b
+    total_epochs = total * gb / n
+    shape = (mc.in_channels, mc.image_size, mc.image_size)
+
+    def train_step(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        torch.manual_seed(run_seed(config.seed, STEP_DRAWS, step))
+        idx = batch_indices(step, gb, n, config.seed)[lo:hi].to(device)
+        # Drawn for the global batch on every rank, then sliced: the split changes nothing.
+        t = torch.randint(diffusion.num_timesteps, (gb,), device=device)[lo:hi]
+        noise = torch.randn((gb, *shape), device=device)[lo:hi].contiguous(memory_format=memory_format)
+        drop_label = (torch.rand(gb, device=device) < config.p_uncond)[lo:hi]
+        flip = (torch.rand(gb, device=device) < 0.5)[lo:hi]
+
+        x0 = images[idx].float().div_(127.5).sub_(1)  # uint8 -> [-1, 1]
+        x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0).contiguous(memory_format=memory_format)
+        y = torch.where(drop_label, mc.null_class, labels[idx])
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = eps_loss(net, x0, y, t, noise, alpha_bar)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        for group in optimizer.param_groups:
+            group["lr"] = get_lr(step * gb / n, config, total_epochs)
+        optimizer.step()
+        update_ema(ema, model, ema_decay_at(step, config.ema_decay))
+        return loss.detach(), grad_norm.detach()
+
+    log = open_log(out / "log.csv", run.start_step) if procs.main else None
+    bar = tqdm(total=total, initial=run.start_step, unit="step", dynamic_ncols=True,
+               disable=not (config.progress and procs.main))
+    sums = torch.zeros(2, device=device)
+    last_logged, last_time = run.start_step, time.perf_counter()
+    try:
+        for step in range(run.start_step, total):
+            loss, grad_norm = train_step(step)
+            sums += torch.stack([loss, grad_norm])
+            done = step + 1
+            bar.update(1)
+            checkpoint = done % config.checkpoint_every == 0 or done == total
+            if done % config.log_every == 0 or checkpoint:
+                if procs.world_size > 1:
+                    dist.all_reduce(sums)
+                    sums /= procs.world_size
+                mean_loss, mean_norm = (sums / (done - last_logged)).tolist()
+                now = time.perf_counter()
+                rate = (done - last_logged) * gb / (now - last_time)
+                lr = get_lr(step * gb / n, config, total_epochs)
+                row = (done, f"{done * gb / n:.4f}", f"{lr:.6g}", f"{mean_loss:.6f}", f"{mean_norm:.4f}",
+                       f"{ema_decay_at(step, config.ema_decay):.6f}", f"{rate:.1f}")
+                if log is not None:
+                    log.write(",".join(map(str, row)) + "\n")
+                    log.flush()
+                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
+                sums.zero_()
+                last_logged, last_time = done, now
+            if procs.main and checkpoint:
+                save_checkpoint(out / "model.safetensors", ema, diffusion, run.dataset.class_names)
+                save_state(out / STATE_FILE, done, dataclasses.asdict(config), mc.to_json(), model, ema, optimizer)
+            if procs.main and config.sample_every and (done % config.sample_every == 0 or done == total):
+                save_samples(out / "samples" / f"step-{done:07d}.png", ema, mc, diffusion, config, device)
+            if on_step is not None:
+                on_step(done)
+        if total == run.start_step and procs.main and not (out / "model.safetensors").is_file():
+            save_checkpoint(out / "model.safetensors", ema, diffusion, run.dataset.class_names)
+    finally:
+        bar.close()
+        if log is not None:
+            log.close()
+    return out / "model.safetensors"
+
+
+def open_log(path: Path, start_step: int):
+    """Open log.csv for appending, first dropping rows past the resumed step (written after
+    the last checkpoint by a run that was then killed) and any half-written last line."""
+    rows = []
+    if start_step > 0 and path.is_file():
+        with open(path, newline="") as f:
+            for row in csv.reader(f):
+                if len(row) == len(LOG_COLUMNS) and row[0].isdigit() and int(row[0]) <= start_step:
+                    rows.append(row)
+    text = ",".join(LOG_COLUMNS) + "\n" + "".join(",".join(r) + "\n" for r in rows)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    return open(path, "a")
+
+
+@torch.no_grad()
+def save_samples(path: Path, ema: UNet, mc: ModelConfig, diffusion: DiffusionConfig, config: TrainConfig,
+                 device: torch.device) -> None:
+    classes = list(range(mc.num_classes))
+    settings = SampleSettings(sampler="ddim", steps=min(config.sample_steps, diffusion.num_timesteps),
+                              guidance=SAMPLE_GUIDANCE)
+    images, labels = generate(ema, mc, diffusion, settings, torch.arange(SAMPLES_PER_CLASS * len(classes)), classes,
+                              seed=0, batch_size=256, device=device, progress=False)
+    picture = Image.fromarray(grid(class_rows(images, labels, classes)))
+    atomic_write(path, lambda tmp: picture.save(tmp, format="PNG"))
