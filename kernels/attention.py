@@ -32,8 +32,12 @@ def _attention_kernel(q_ptr, k_ptr, v_ptr, out_ptr,
                       DOT_IN_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
                       NUM_KV_BLOCKS: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    start_m = tl.program_id(0) * BLOCK_M
-    batch_head = tl.program_id(1)
+    # One flat grid (axis 1 would cap batch x heads at 65535); neighbouring programs share
+    # a (batch, head) and so its keys and values in L2.
+    pid = tl.program_id(0)
+    num_m_blocks = tl.cdiv(q_tokens, BLOCK_M)
+    start_m = (pid % num_m_blocks) * BLOCK_M
+    batch_head = pid // num_m_blocks
     b = (batch_head // num_heads).to(tl.int64)
     h = (batch_head % num_heads).to(tl.int64)
     q_ptr += b * stride_qb + h * stride_qh
@@ -134,7 +138,7 @@ def attention(q, k, v, *, out=None):
     precision = "ieee" if dot_in_fp32 else "tf32"
     block_d = max(16, triton.next_power_of_2(D))
     block_m, block_n, num_warps, num_stages = _launch_config(block_d, Tq, Tk, dot_in_fp32)
-    grid = (triton.cdiv(Tq, block_m), B * H)
+    grid = (triton.cdiv(Tq, block_m) * B * H,)
     _attention_kernel[grid](
         q, k, v, out, H, Tq, Tk, D, _LOG2E / math.sqrt(D),
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),

@@ -80,7 +80,10 @@ def test_large_logits_stay_finite(dtype):
     v = randn(1, 2, 100, 64, dtype=dtype)
     logits = (q.double() @ k.double().transpose(-1, -2)) / 8.0
     assert logits.abs().max() > 1e3
-    check(q, k, v)
+    # Scores near 1e3 carry ~1e-4 absolute float32 error, which exp turns into relative
+    # error of the weights: float32 cannot meet its usual tolerance here.
+    loose = dict(atol=2e-3, rtol=2e-3) if dtype == torch.float32 else None
+    check(q, k, v, tolerance=loose)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
