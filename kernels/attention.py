@@ -134,7 +134,7 @@ def attention(q, k, v, *, out=None):
     # CPU tensors run only under TRITON_INTERPRET=1, whose tl.dot mis-multiplies bf16
     # (triton 3.6): there the products are taken in fp32 instead.
     dot_in_fp32 = q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and not q.is_cuda)
-    # fp32 products are true fp32; tf32 would cost ~1e-3 relative error.
+    # Applies to fp32 operands only: true fp32 products, as tf32 would cost ~1e-3 relative.
     precision = "ieee" if dot_in_fp32 else "tf32"
     block_d = max(16, triton.next_power_of_2(D))
     block_m, block_n, num_warps, num_stages = _launch_config(block_d, Tq, Tk, dot_in_fp32)

@@ -253,7 +253,8 @@ def group_norm(x, weight, bias, num_groups, eps=1e-5, *, silu=False, add=None, o
                split=None):
     """GroupNorm(x + add[:, :, None, None]) * weight + bias, then SiLU if `silu`.
 
-    x: (N, C, H, W), NCHW-contiguous or channels_last, fp32/fp16/bf16.
+    x: (N, C, H, W), NCHW-contiguous or channels_last (other layouts are copied to
+    NCHW first), fp32/fp16/bf16.
     weight, bias: (C,) or None (identity affine). add: (N, C) or None, any float dtype.
     out: optional destination of x's shape and dtype; by default a tensor in x's memory
     format. split: chunks per group (1 = fused single-kernel path); None picks from the
