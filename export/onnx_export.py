@@ -1,0 +1,220 @@
+"""Export the U-Net epsilon model to ONNX, then verify the file against PyTorch.
+
+The graph has inputs x (float32, B x C x H x W), t (int64, B) and class (int64, B) and
+one output eps (float32, B x C x H x W), with the batch dimension B dynamic (the sampler
+sends 2B images under guidance). The model config, the diffusion config and the class
+names ride in the ONNX metadata_props, under the same keys and JSON strings as in the
+safetensors checkpoint, so the .onnx file alone rebuilds a sampler.
+
+Before tracing, two modules of the eager U-Net are swapped for export versions with the
+same weights, so that the precision of each op is explicit in the graph:
+- GroupNorm becomes ReduceMean/Sub/Mul/Sqrt/Div on a float32 copy of the activations
+  (no ONNX GroupNormalization, whose meaning changed between opsets 18 and 21 and which
+  not every runtime implements; no fp16 InstanceNormalization, a known source of overflow
+  in ONNX Runtime and TensorRT);
+- attention scales q before q k^T and takes the softmax in float32.
+With --fp16 everything else (weights and activations) is float16; the graph's inputs and
+output stay float32, with the casts inside the graph. The time and class embeddings stay
+float32 too: sin/cos of t * freq for t up to T - 1 needs more than fp16's 11 bits.
+
+Verification runs ONNX Runtime's CPU provider, which runs the fp16 nodes it has no fp16
+kernel for (most convolutions on x86) in float32 behind inserted casts: on the CPU it
+checks the graph and its fp16 weights, and the fp16 arithmetic itself is tested in torch
+(tests/export) and by the TensorRT test on a GPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from engine.checkpoint import FORMAT, Checkpoint, atomic_write
+from engine.model import AttnBlock, GroupNorm32, UNet
+from export.onnx_runtime import INPUT_NAMES, OUTPUT_NAME, open_session
+
+# Opset 17: before GroupNormalization (18/21) and the ReduceMean axes-as-input change (18);
+# accepted by ONNX Runtime >= 1.12 and TensorRT 8.6 and 10.
+DEFAULT_OPSET = 17
+OPSETS = range(14, 21)
+# Verification tolerance on ||ort - torch|| / ||torch||, per precision; the reference is
+# always the float32 eager model.
+TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2}
+
+
+class ExportError(Exception):
+    """An export that could not be written or did not match PyTorch; no file is left behind."""
+
+
+class ExportGroupNorm(nn.Module):
+    """GroupNorm with float32 statistics, as plain reductions (mean, then mean squared deviation)."""
+
+    def __init__(self, norm: nn.GroupNorm):
+        super().__init__()
+        self.num_groups, self.eps = norm.num_groups, norm.eps
+        self.weight = nn.Parameter(norm.weight.detach().float().clone())
+        self.bias = nn.Parameter(norm.bias.detach().float().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        groups = x.float().reshape(b, self.num_groups, -1)  # fp16 -> fp32 boundary
+        centered = groups - groups.mean(dim=2, keepdim=True)
+        var = centered.square().mean(dim=2, keepdim=True)
+        normed = (centered / torch.sqrt(var + self.eps)).reshape(b, c, h, w)
+        out = normed * self.weight[:, None, None] + self.bias[:, None, None]
+        return out.to(x.dtype)  # fp32 -> activation dtype
+
+
+class ExportAttnBlock(nn.Module):
+    """AttnBlock with q pre-scaled by 1/sqrt(c) and the softmax over float32 logits."""
+
+    def __init__(self, attn: AttnBlock):
+        super().__init__()
+        self.norm, self.qkv, self.proj_out = attn.norm, attn.qkv, attn.proj_out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, c, h * w).unbind(1)  # each (b, c, tokens)
+        logits = torch.bmm((q * (1.0 / math.sqrt(c))).transpose(1, 2), k)  # (b, tokens, tokens)
+        weights = torch.softmax(logits.float(), dim=-1).to(v.dtype)
+        out = torch.bmm(v, weights.transpose(1, 2)).reshape(b, c, h, w)
+        return x + self.proj_out(out)
+
+
+class EpsilonGraph(nn.Module):
+    """What is traced: float32 in, float32 out, the U-Net in `dtype` in between."""
+
+    def __init__(self, unet: UNet, dtype: torch.dtype):
+        super().__init__()
+        self.unet, self.dtype = unet, dtype
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.unet(x.to(self.dtype), t, y).float()
+
+
+def export_module(model: UNet, fp16: bool) -> EpsilonGraph:
+    """A copy of `model` with GroupNorm and attention swapped for their export versions."""
+    unet = copy.deepcopy(model).cpu().float().eval()
+    for kind, swap in ((GroupNorm32, ExportGroupNorm), (AttnBlock, ExportAttnBlock)):  # norms first: attention keeps its own
+        for module in list(unet.modules()):
+            for name, child in module.named_children():
+                if isinstance(child, kind):
+                    setattr(module, name, swap(child))
+    if fp16:
+        unet.half()
+        # Float32 islands: the embeddings (UNet.forward casts emb to x's dtype) and the norms' affine parameters.
+        for module in (unet.time_mlp, unet.class_embed, *(m for m in unet.modules() if isinstance(m, ExportGroupNorm))):
+            module.float()
+    return EpsilonGraph(unet, torch.float16 if fp16 else torch.float32).eval()
+
+
+def metadata_props(ckpt: Checkpoint, fp16: bool) -> dict[str, str]:
+    return {
+        "format": FORMAT,
+        "model_config": ckpt.model.config.to_json(),
+        "diffusion_config": ckpt.diffusion.to_json(),
+        "class_names": json.dumps(list(ckpt.class_names)),
+        "precision": "fp16" if fp16 else "fp32",
+    }
+
+
+def random_inputs(config, batch: int, seed: int, num_timesteps: int) -> tuple[torch.Tensor, ...]:
+    """Verification inputs: x ~ N(0, I), any timestep, any class including the null class."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, config.in_channels, config.image_size, config.image_size, generator=g)
+    t = torch.randint(0, num_timesteps, (batch,), generator=g)
+    y = torch.randint(0, config.num_classes + 1, (batch,), generator=g)
+    return x, t, y
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b||, in float64."""
+    a, b = a.double(), b.double()
+    return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
+
+
+def write_onnx(ckpt: Checkpoint, path: str | os.PathLike, fp16: bool, opset: int) -> None:
+    """Trace the export module to `path` (TorchScript exporter), add metadata, run onnx.checker."""
+    try:
+        import onnx
+    except ImportError:
+        raise ExportError("exporting needs onnx and onnxruntime: pip install 'ddpm-engine[export]'") from None
+
+    graph = export_module(ckpt.model, fp16)
+    example = random_inputs(ckpt.model.config, 2, 0, ckpt.diffusion.num_timesteps)
+    batch = {0: "batch"}
+    with warnings.catch_warnings():
+        # The TorchScript exporter is deprecated in favour of dynamo, and the tracer warns
+        # about shapes it records symbolically; neither is actionable here.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(graph, example, str(path), input_names=list(INPUT_NAMES), output_names=[OUTPUT_NAME],
+                          dynamic_axes={"x": batch, "t": batch, "class": batch, OUTPUT_NAME: batch},
+                          opset_version=opset, do_constant_folding=True, dynamo=False)
+    proto = onnx.load(str(path))
+    for key, value in metadata_props(ckpt, fp16).items():
+        proto.metadata_props.add(key=key, value=value)
+    proto.doc_string = "ddpm-engine epsilon model eps(x, t, class)"
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except onnx.checker.ValidationError as e:
+        raise ExportError(f"onnx.checker rejected the exported graph: {str(e).splitlines()[0]}") from None
+    onnx.save(proto, str(path))
+
+
+@dataclass
+class Verification:
+    relative_error: float
+    tolerance: float
+    providers: tuple[str, ...]
+
+    @property
+    def passed(self) -> bool:
+        return self.relative_error <= self.tolerance
+
+
+def verify_onnx(path: str | os.PathLike, ckpt: Checkpoint, fp16: bool, batches=(1, 3), seed: int = 0) -> Verification:
+    """Compare ONNX Runtime (CPU provider) with the float32 eager model on random inputs.
+
+    Two batch sizes, so a batch dimension baked in at trace time fails. The error is the
+    largest over the batches.
+    """
+    session = open_session(path, torch.device("cpu"))
+    model = ckpt.model.float().eval()
+    device = next(model.parameters()).device
+    worst = 0.0
+    for i, batch in enumerate(batches):
+        inputs = random_inputs(model.config, batch, seed + i + 1, ckpt.diffusion.num_timesteps)
+        (out,) = session.run([OUTPUT_NAME], {name: v.numpy() for name, v in zip(INPUT_NAMES, inputs)})
+        with torch.no_grad():
+            ref = model(*(v.to(device) for v in inputs)).cpu()
+        worst = max(worst, relative_error(torch.from_numpy(out), ref))
+    return Verification(worst, TOLERANCE["fp16" if fp16 else "fp32"], tuple(session.get_providers()))
+
+
+def export_onnx(ckpt: Checkpoint, out: str | os.PathLike, fp16: bool = False,
+                opset: int = DEFAULT_OPSET) -> Verification:
+    """Write a verified ONNX file to `out`, atomically: on any failure nothing is left there."""
+    if opset not in OPSETS:
+        raise ExportError(f"opset {opset} is not supported; use {OPSETS.start}..{OPSETS.stop - 1}")
+    out = Path(out)
+    if not out.parent.is_dir():
+        raise ExportError(f"output folder {out.parent} does not exist")
+    result = None
+
+    def write(tmp: str) -> None:
+        nonlocal result
+        write_onnx(ckpt, tmp, fp16, opset)
+        result = verify_onnx(tmp, ckpt, fp16)
+        if not result.passed:
+            raise ExportError(f"ONNX Runtime disagrees with PyTorch: relative error {result.relative_error:.2e} "
+                              f"> {result.tolerance:.0e} ({'fp16' if fp16 else 'fp32'}); no file written")
+
+    atomic_write(out, write)
+    return result
