@@ -1,0 +1,112 @@
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from engine.cli import main
+from engine.config import PRESETS, DiffusionConfig
+from engine.checkpoint import save_checkpoint
+from engine.model import UNet
+
+NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    save_checkpoint(path, UNet(PRESETS["tiny"]), DiffusionConfig(num_timesteps=50), NAMES)
+    return path
+
+
+def sample(checkpoint, out, *extra):
+    return main(["sample", "--checkpoint", str(checkpoint), "--out", str(out), "--no-progress",
+                 "--steps", "3", *map(str, extra)])
+
+
+def test_sample_writes_grid_images_and_npz(checkpoint, tmp_path, capsys):
+    out = tmp_path / "samples"
+    assert sample(checkpoint, out, "-n", 7, "--classes", "cat,1,dog", "--guidance", 2, "--batch-size", 3) == 0
+    data = np.load(out / "samples.npz")
+    assert data["x"].shape == (7, 32, 32, 3) and data["x"].dtype == np.uint8
+    assert data["y"].dtype == np.int64 and data["y"].tolist() == [3, 1, 5, 3, 1, 5, 3]
+    assert sorted(os.listdir(out / "images")) == [f"{i:06d}.png" for i in range(7)]
+    assert np.array_equal(np.asarray(Image.open(out / "images" / "000004.png")), data["x"][4])
+    grid = Image.open(out / "grid.png")
+    # One row per class (3 rows), scaled x2, 2-px gaps.
+    assert grid.size[1] == 2 * (3 * 34 + 2)
+    assert str(out) in capsys.readouterr().out
+
+
+def test_same_seed_same_images_across_runs_and_batch_sizes(checkpoint, tmp_path):
+    sample(checkpoint, tmp_path / "a", "-n", 4, "--seed", 9, "--sampler", "ddpm", "--batch-size", 4)
+    sample(checkpoint, tmp_path / "b", "-n", 4, "--seed", 9, "--sampler", "ddpm", "--batch-size", 1)
+    assert np.array_equal(np.load(tmp_path / "a" / "samples.npz")["x"], np.load(tmp_path / "b" / "samples.npz")["x"])
+
+
+def test_interpolate_writes_a_grid(checkpoint, tmp_path):
+    out = tmp_path / "interp"
+    assert main(["interpolate", "--checkpoint", str(checkpoint), "--out", str(out), "--no-progress",
+                 "--class", "ship", "--frames", "5", "--steps", "2"]) == 0
+    assert Image.open(out / "interpolation.png").size == (2 * (5 * 34 + 2), 2 * (2 * 34 + 2))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["-n", "0"], "out of range"),
+    (["-n", "two"], "not an integer"),
+    (["--classes", "cat,unicorn"], "unknown class 'unicorn'"),
+    (["--classes", "10"], "unknown class '10'"),
+    (["--steps", "51"], "exceeds the model's T = 50"),
+    (["--steps", "0"], "out of range"),
+    (["--guidance", "-1"], "must be >= 0"),
+    (["--eta", "nan"], "must be >= 0"),
+    (["--seed", "-3"], "out of range"),
+])
+def test_bad_input_is_one_line_and_nonzero(checkpoint, tmp_path, capsys, args, message):
+    out = tmp_path / "out"
+    try:
+        code = main(["sample", "--checkpoint", str(checkpoint), "--out", str(out), "--no-progress", *args])
+    except SystemExit as e:  # rejected by the parser
+        code = e.code
+    assert code != 0
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_unreadable_checkpoint_and_unwritable_out(checkpoint, tmp_path, capsys):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"garbage")
+    assert main(["sample", "--checkpoint", str(bad), "--out", str(tmp_path / "o")]) == 1
+    assert "not a safetensors file" in capsys.readouterr().err
+    assert main(["sample", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "no" / "such" / "dir")]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["sample", "--checkpoint", str(checkpoint), "--out", str(blocker)]) == 1
+    assert "not a folder" in capsys.readouterr().err
+
+
+def test_failure_mid_run_leaves_no_partial_output(checkpoint, tmp_path, monkeypatch):
+    import engine.images
+
+    calls = []
+
+    def failing_save(path, image, scale=1):
+        calls.append(path)
+        if len(calls) == 3:
+            raise OSError("disk full")
+        Image.fromarray(image).save(path)
+
+    monkeypatch.setattr(engine.images, "save_png", failing_save)
+    assert sample(checkpoint, tmp_path / "out", "-n", 5) == 1
+    assert os.listdir(tmp_path) == []
+
+
+def test_console_script_help_has_examples():
+    result = subprocess.run([sys.executable, "-m", "engine.cli", "sample", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "examples:" in result.stdout and "--guidance" in result.stdout

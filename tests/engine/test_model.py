@@ -1,0 +1,52 @@
+import pytest
+import torch
+
+from engine.config import PRESETS, ModelConfig
+from engine.model import UNet, count_parameters, timestep_embedding
+
+
+def test_ddpm_cifar10_has_the_papers_parameter_count():
+    # Ho et al. 2020, Appendix B: 35.7M parameters for CIFAR-10; + (10 + 1) x 512 class embedding.
+    n = count_parameters(UNet(PRESETS["ddpm-cifar10"]))
+    assert 35.7e6 <= n - 11 * 512 < 35.8e6
+
+
+def test_compact_preset_fits_the_size_budget():
+    assert count_parameters(UNet(PRESETS["cifar10-compact"])) <= 8_000_000
+    assert 100_000 <= count_parameters(UNet(PRESETS["tiny"])) < 1_000_000
+
+
+@pytest.mark.parametrize("name", ["tiny", "cifar10-compact"])
+def test_forward_shape_and_conditioning(name):
+    torch.manual_seed(0)
+    config = PRESETS[name]
+    model = UNet(config).eval()
+    for p in model.class_embed.parameters():
+        torch.nn.init.normal_(p)
+    x = torch.randn(3, 3, config.image_size, config.image_size)
+    t = torch.tensor([0, 500, 999])
+    eps = model(x, t, torch.tensor([0, 1, config.null_class]))
+    assert eps.shape == x.shape and eps.dtype == torch.float32
+    # The class and the timestep both change the output.
+    assert not torch.allclose(eps, model(x, t, torch.tensor([2, 2, 2])))
+    assert not torch.allclose(eps, model(x, t.flip(0), torch.tensor([0, 1, config.null_class])))
+
+
+def test_ddpm_stl10_is_the_same_network_at_64x64():
+    a, b = PRESETS["ddpm-cifar10"], PRESETS["ddpm-stl10"]
+    assert b.image_size == 64 and {**vars(a), "image_size": 64} == vars(b)
+
+
+def test_timestep_embedding_is_sinusoidal():
+    emb = timestep_embedding(torch.tensor([0, 10]), 8)
+    assert torch.allclose(emb[0], torch.tensor([0.0] * 4 + [1.0] * 4))
+    # Frequencies 10000^(-k / (half - 1)), k = 0..3.
+    freqs = torch.tensor([10000 ** (-k / 3) for k in range(4)])
+    assert torch.allclose(emb[1], torch.cat([torch.sin(10 * freqs), torch.cos(10 * freqs)]), atol=1e-6)
+
+
+def test_unknown_preset_and_bad_config():
+    with pytest.raises(ValueError, match="unknown preset"):
+        ModelConfig.from_name("ddpm-imagenet")
+    with pytest.raises(ValueError):
+        UNet(ModelConfig(image_size=30))
