@@ -16,8 +16,8 @@ from training.state import StateError
 from training.train import DEFAULT_EPOCHS, HYPERPARAMETERS, OtherRankFailed, TrainConfig, saved_config, train
 
 EXAMPLES = """examples:
-  # a CPU smoke run (a minute or two), then sample from it
-  ddpm-train --preset tiny --dataset synthetic --steps 500 --batch-size 32 --out runs/tiny
+  # a CPU smoke run (a few minutes), then sample from it
+  ddpm-train --preset tiny --dataset synthetic --steps 300 --batch-size 16 --out runs/tiny
   ddpm-engine sample --checkpoint runs/tiny/model.safetensors -n 20 --out samples
 
   # the report's CIFAR-10 run (downloads the official archive into ./data when absent)

@@ -336,7 +336,10 @@ def train(config: TrainConfig, on_step=None) -> Path:
     """Train; returns the path of model.safetensors. on_step(step) is called after each step."""
     procs = start_processes()
     try:
-        return _train(config, procs, on_step)
+        path = _train(config, procs, on_step)
+        if procs.world_size > 1:
+            dist.barrier()  # leave together: gloo can abort a process whose peer is still writing
+        return path
     finally:
         if procs.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()
@@ -407,16 +410,9 @@ def _train(config: TrainConfig, procs: Processes, on_step) -> Path:
         x0 = images[idx].float().div_(127.5).sub_(1)  # uint8 -> [-1, 1]
         x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0).contiguous(memory_format=memory_format)
         y = torch.where(drop_label, mc.null_class, labels[idx])
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = eps_loss(net, x0, y, t, noise, alpha_bar)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        for group in optimizer.param_groups:
-            group["lr"] = get_lr(step * gb / n, config, total_epochs)
-        optimizer.step()
-        update_ema(ema, model, ema_decay_at(step, config.ema_decay))
-        return loss.detach(), grad_norm.detach()
+        return optimize(net, model, ema, optimizer, x0, y, t, noise, alpha_bar, bf16,
+                        lr=get_lr(step * gb / n, config, total_epochs), grad_clip=config.grad_clip,
+                        ema_beta=ema_decay_at(step, config.ema_decay))
 
     log = open_log(out / "log.csv", run.start_step) if procs.main else None
     bar = tqdm(total=total, initial=run.start_step, unit="step", dynamic_ncols=True,
@@ -460,6 +456,25 @@ def _train(config: TrainConfig, procs: Processes, on_step) -> Path:
         if log is not None:
             log.close()
     return out / "model.safetensors"
+
+
+def optimize(net: nn.Module, model: nn.Module, ema: nn.Module, optimizer: torch.optim.Optimizer, x0: torch.Tensor,
+             y: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor, bf16: bool, lr: float,
+             grad_clip: float, ema_beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One AdamW step on L_simple, then the EMA update; `net` is `model` or its DDP/compiled wrapper.
+
+    Returns (loss, gradient norm before clipping) as device tensors: no host sync here.
+    """
+    with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=bf16):
+        loss = eps_loss(net, x0, y, t, noise, alpha_bar)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    update_ema(ema, model, ema_beta)
+    return loss.detach(), grad_norm.detach()
 
 
 def open_log(path: Path, start_step: int):
