@@ -44,25 +44,35 @@ def save_png(path: Path, image: np.ndarray, scale: int = 1) -> None:
     img.save(path)
 
 
+def existing_ancestor(path: Path) -> Path:
+    path = path.resolve()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
 def check_writable(out: Path) -> None:
-    """Fail before any work if `out` cannot be created or written."""
-    parent = out.resolve().parent
+    """Fail before any work if `out` cannot be created (with its parents) or written."""
     if out.exists() and not out.is_dir():
         raise OSError(f"--out {out} exists and is not a folder")
-    if not parent.is_dir():
-        raise OSError(f"--out {out}: parent folder {parent} does not exist")
-    if not os.access(parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
+    base = existing_ancestor(out)
+    if not base.is_dir():
+        raise OSError(f"--out {out}: {base} is not a folder")
+    if not os.access(base, os.W_OK):
         raise OSError(f"--out {out} is not writable")
 
 
 @contextmanager
 def staged_output(out: Path):
-    """Yield a temporary folder; on success move its entries into `out` (replacing old ones)."""
+    """Yield a temporary folder; on success move its entries into `out` (replacing old ones).
+
+    The stage lives in the nearest existing ancestor of `out`, so a failure creates nothing.
+    """
     out = Path(out)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.resolve().parent))
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=existing_ancestor(out.parent)))
     try:
         yield stage
-        out.mkdir(exist_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
         for entry in stage.iterdir():
             target = out / entry.name
             if target.is_dir() and not target.is_symlink():

@@ -83,12 +83,25 @@ def test_unreadable_checkpoint_and_unwritable_out(checkpoint, tmp_path, capsys):
     bad.write_bytes(b"garbage")
     assert main(["sample", "--checkpoint", str(bad), "--out", str(tmp_path / "o")]) == 1
     assert "not a safetensors file" in capsys.readouterr().err
-    assert main(["sample", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "no" / "such" / "dir")]) == 1
-    assert "does not exist" in capsys.readouterr().err
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    if os.access(locked, os.W_OK):  # root ignores permission bits
+        locked.chmod(0o700)
+        (locked / "no").write_text("a file where a folder is needed")
+        target, message = locked / "no" / "dir", "is not a folder"
+    else:
+        target, message = locked / "dir", "not writable"
+    assert main(["sample", "--checkpoint", str(checkpoint), "--out", str(target)]) == 1
+    assert message in capsys.readouterr().err
     blocker = tmp_path / "file"
     blocker.write_text("x")
     assert main(["sample", "--checkpoint", str(checkpoint), "--out", str(blocker)]) == 1
     assert "not a folder" in capsys.readouterr().err
+
+
+def test_missing_parent_folders_are_created(checkpoint, tmp_path):
+    assert sample(checkpoint, tmp_path / "a" / "b", "-n", 2) == 0
+    assert (tmp_path / "a" / "b" / "grid.png").is_file()
 
 
 def test_failure_mid_run_leaves_no_partial_output(checkpoint, tmp_path, monkeypatch):
@@ -103,7 +116,7 @@ def test_failure_mid_run_leaves_no_partial_output(checkpoint, tmp_path, monkeypa
         Image.fromarray(image).save(path)
 
     monkeypatch.setattr(engine.images, "save_png", failing_save)
-    assert sample(checkpoint, tmp_path / "out", "-n", 5) == 1
+    assert sample(checkpoint, tmp_path / "new" / "out", "-n", 5) == 1
     assert os.listdir(tmp_path) == []
 
 

@@ -1,0 +1,85 @@
+"""Collects one row per measurement; with DDPM_BENCH_OUT=DIR set, writes DIR/<date>-<device>.json
+and .md at the end of the session (benchmarks/gpu.sh sets it to benchmarks/results)."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks.harness import ON_GPU, Timing, measure_ceilings
+
+ROWS: list[dict] = []
+_CEILINGS: dict = {}
+
+
+def ceilings() -> dict:
+    if not _CEILINGS:
+        _CEILINGS.update(measure_ceilings())
+    return _CEILINGS
+
+
+@pytest.fixture
+def record(request):
+    """record(what=, backend=, batch=, timing=Timing, flops=None, bytes=None, **extra)."""
+
+    def add(*, what: str, backend: str, batch: int, timing: Timing, flops: float | None = None,
+            bytes: float | None = None, **extra) -> dict:
+        row = {"what": what, "backend": backend, "batch": batch, "ms_median": round(timing.median_ms, 4),
+               "ms_min": round(timing.min_ms, 4), "ms_max": round(timing.max_ms, 4),
+               "first_call_s": round(timing.first_call_s, 3), "rounds": timing.rounds, **extra,
+               "test": request.node.nodeid}
+        seconds = timing.median_ms * 1e-3
+        if flops is not None:
+            row["tflop_per_s"] = round(flops / seconds / 1e12, 3)
+            row["fraction_of_matmul_peak"] = round(flops / seconds / ceilings()["matmul_flop_per_s"], 4)
+        if bytes is not None:
+            row["gb_per_s"] = round(bytes / seconds / 1e9, 2)
+            row["fraction_of_copy"] = round(bytes / seconds / ceilings()["copy_bytes_per_s"], 4)
+        ROWS.append(row)
+        print(f"\n{row}")
+        return row
+
+    return add
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if ON_GPU else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def markdown(report: dict) -> str:
+    lines = [f"Measured {report['date']} on {report['device']}, torch {report['torch']}, triton {report['triton']}.",
+             f"Ceilings measured in the same run: matmul ({report['ceilings'].get('matmul_dtype')}) "
+             f"{report['ceilings'].get('matmul_flop_per_s', 0) / 1e12:.1f} TFLOP/s, copy "
+             f"{report['ceilings'].get('copy_bytes_per_s', 0) / 1e9:.0f} GB/s.", "",
+             "| what | backend | batch | median ms | min ms | max ms | rate | fraction of ceiling | first call s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in report["rows"]:
+        rate = f"{r['tflop_per_s']} TFLOP/s" if "tflop_per_s" in r else f"{r['gb_per_s']} GB/s" if "gb_per_s" in r else ""
+        frac = r.get("fraction_of_matmul_peak", r.get("fraction_of_copy", ""))
+        lines.append(f"| {r['what']} | {r['backend']} | {r['batch']} | {r['ms_median']} | {r['ms_min']} | "
+                     f"{r['ms_max']} | {rate} | {frac} | {r['first_call_s']} |")
+    return "\n".join(lines) + "\n"
+
+
+def pytest_sessionfinish(session, exitstatus):
+    out = os.environ.get("DDPM_BENCH_OUT")
+    if not out or not ROWS:
+        return
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    report = {"gpu": torch.cuda.get_device_name() if ON_GPU else None, "device": device_name(),
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "torch": torch.__version__, "triton": triton_version, "ceilings": ceilings(), "rows": ROWS}
+    stem = f"{report['date'][:10]}-{'gpu' if ON_GPU else 'cpu'}"
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
+    (Path(out) / f"{stem}.md").write_text(markdown(report))
