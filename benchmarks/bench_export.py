@@ -8,7 +8,8 @@ reason; DDPM_BENCH_FULL=1 runs them all. Nothing here asserts a speed.
 Each case reports pytest-benchmark's times, and in extra_info the GFLOP of the forward
 (torch's FlopCounterMode), the GFLOP/s achieved and its fraction of this machine's fp32
 matmul rate measured at the start (the ceiling), the thread counts, and for ONNX Runtime
-the export time (kept apart from the forward times) and the speed-up over eager.
+the export time (kept apart from the forward times) and the speed-up over eager. On a
+machine shared with other jobs, compare the min columns: the medians measure the neighbours.
 """
 
 import os
@@ -32,17 +33,18 @@ CASES = [(preset, batch) for preset in ("cifar10-compact", "ddpm-cifar10") for b
 def rounds(batch: int) -> int:
     if not FULL:
         return 3
-    return 10 if batch <= 2 else 4
+    return 15 if batch <= 2 else 6
 
 
 @pytest.fixture(scope="module")
 def matmul_gflops() -> float:
-    """The ceiling: fp32 GFLOP/s of a 2048^3 matmul on this CPU, best of 8 (a shared machine is noisy)."""
+    """The ceiling: fp32 GFLOP/s of a 2048^3 matmul on this CPU, best of 25 (on a shared machine the median is
+    set by the neighbours, the best by the hardware)."""
     n = 2048
     a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b
     best = float("inf")
-    for _ in range(8):
+    for _ in range(25):
         start = time.perf_counter()
         a @ b
         best = min(best, time.perf_counter() - start)
@@ -74,7 +76,7 @@ def gflop_per_forward(model: UNet, batch: int) -> float:
     return counter.get_total_flops() * batch / 1e9
 
 
-MEDIANS: dict[tuple[str, int, str], float] = {}
+TIMES: dict[tuple[str, int, str], tuple[float, float]] = {}  # (min, median) seconds
 
 
 @pytest.mark.parametrize("preset, batch", CASES)
@@ -96,15 +98,17 @@ def test_forward(benchmark, models, matmul_gflops, backend, preset, batch):
     benchmark.pedantic(forward, rounds=rounds(batch), warmup_rounds=1, iterations=1)
     if benchmark.stats is None:  # --benchmark-disable: ran once, nothing measured
         return
-    median = benchmark.stats.stats.median
+    best, median = benchmark.stats.stats.min, benchmark.stats.stats.median
     gflop = gflop_per_forward(eager, batch)
-    MEDIANS[preset, batch, backend] = median
-    info = {"gflop": round(gflop, 2), "gflop_per_s": round(gflop / median, 1),
+    TIMES[preset, batch, backend] = best, median
+    info = {"gflop": round(gflop, 2), "gflop_per_s_at_min": round(gflop / best, 1),
             "matmul_peak_gflop_per_s": round(matmul_gflops, 1),
-            "fraction_of_peak": round(gflop / median / matmul_gflops, 3),
+            "fraction_of_peak_at_min": round(gflop / best / matmul_gflops, 3),
             "torch_threads": torch.get_num_threads()}
     if backend == "onnxruntime":
         info["export_s"] = round(export_s, 1)
-        if (preset, batch, "eager") in MEDIANS:
-            info["speedup_vs_eager"] = round(MEDIANS[preset, batch, "eager"] / median, 2)
+        if (preset, batch, "eager") in TIMES:
+            eager_best, eager_median = TIMES[preset, batch, "eager"]
+            info["speedup_vs_eager_min"] = round(eager_best / best, 2)
+            info["speedup_vs_eager_median"] = round(eager_median / median, 2)
     benchmark.extra_info.update(info)
