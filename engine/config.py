@@ -38,8 +38,10 @@ class ModelConfig:
         if self.image_size % (2**downsamples):
             raise ValueError(f"image_size {self.image_size} is not divisible by 2^{downsamples}")
         for mult in (1, *self.ch_mult):
-            if (self.ch * mult) % self.num_groups:
-                raise ValueError(f"{self.ch * mult} channels do not split into {self.num_groups} groups")
+            if (self.ch * mult) % self.num_groups or self.ch * mult < 2 * self.num_groups:
+                # One channel a group would normalise away the per-channel embedding added before it.
+                raise ValueError(f"{self.ch * mult} channels do not split into {self.num_groups} groups "
+                                 "of at least 2 channels")
         if self.num_classes < 1:
             raise ValueError("num_classes must be at least 1")
 
@@ -93,7 +95,7 @@ PRESETS: dict[str, ModelConfig] = {
     # The model we ship: under 8M parameters.
     "cifar10-compact": ModelConfig(ch=64, ch_mult=(1, 2, 2)),
     # A few hundred thousand parameters, for tests and CPU smoke runs.
-    "tiny": ModelConfig(ch=32, ch_mult=(1, 1), num_res_blocks=1, dropout=0.0),
+    "tiny": ModelConfig(ch=32, ch_mult=(1, 1), num_res_blocks=1, dropout=0.0, num_groups=8),
 }
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",

@@ -356,7 +356,7 @@ def _train(config: TrainConfig, procs: Processes, on_step) -> Path:
     config, mc, total = run.config, run.model_config, run.total_steps
     out = Path(config.out)
     if procs.main:
-        out.mkdir(exist_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
         (out / "samples").mkdir(exist_ok=True)
         for stale in [*out.glob(".*.tmp"), *(out / "samples").glob(".*.tmp")]:  # left by a killed write
             stale.unlink(missing_ok=True)

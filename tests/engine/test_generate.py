@@ -21,13 +21,21 @@ def run(model, indices, batch_size, settings=SampleSettings(sampler="ddim", step
                     progress=False)
 
 
+def same_images(a: np.ndarray, b: np.ndarray) -> bool:
+    """Equal up to float rounding: the noise is bit-identical, but the CPU convolution may pick
+    another algorithm for another batch size, and a last-bit difference can flip a rounding
+    to uint8 by one level."""
+    diff = np.abs(a.astype(int) - b)
+    return diff.max() <= 1 and (diff > 0).mean() < 1e-3
+
+
 def test_image_i_does_not_depend_on_batch_size_or_run_size(model):
     images, labels = run(model, range(7), batch_size=7)
     for batch_size in (1, 3):
         again, labels_again = run(model, range(7), batch_size)
-        assert np.array_equal(again, images) and np.array_equal(labels_again, labels)
+        assert same_images(again, images) and np.array_equal(labels_again, labels)
     subset, _ = run(model, [5, 2], batch_size=2)
-    assert np.array_equal(subset, images[[5, 2]])
+    assert same_images(subset, images[[5, 2]])
 
 
 def test_labels_cycle_over_the_classes_and_outputs_are_uint8(model):
@@ -47,7 +55,7 @@ def test_ddpm_sampler_with_noise_is_also_batch_invariant(model):
     settings = SampleSettings(sampler="ddpm", steps=5, guidance=0.0)
     a, _ = run(model, range(4), 4, settings)
     b, _ = run(model, range(4), 1, settings)
-    assert np.array_equal(a, b)
+    assert same_images(a, b)
 
 
 def test_slerp_keeps_the_norm_and_hits_the_ends():

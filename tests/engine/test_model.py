@@ -50,3 +50,5 @@ def test_unknown_preset_and_bad_config():
         ModelConfig.from_name("ddpm-imagenet")
     with pytest.raises(ValueError):
         UNet(ModelConfig(image_size=30))
+    with pytest.raises(ValueError, match="at least 2 channels"):
+        UNet(ModelConfig(ch=32, num_groups=32))
