@@ -9,7 +9,6 @@ Nothing here asserts a speed.
 from __future__ import annotations
 
 import copy
-import time
 
 import pytest
 import torch
@@ -47,38 +46,22 @@ def make_step(preset: str, batch: int, device: str, fast: bool):
     return step, count_parameters(model)
 
 
-def run(benchmark, preset: str, batch: int, device: str, fast: bool, rounds: int, warmup: int):
-    step, params = make_step(preset, batch, device, fast)
-    start = time.perf_counter()
-    step()  # first call: compilation (fast path) or allocator/oneDNN warm-up
-    first = time.perf_counter() - start
-    for _ in range(warmup):
-        step()
-    benchmark.pedantic(step, rounds=rounds, iterations=1)
-    if getattr(benchmark, "disabled", False):  # --benchmark-disable: the step ran once, nothing to report
-        return None
-    stats = benchmark.stats.stats
-    rate = batch / stats.median
-    benchmark.extra_info.update(preset=preset, batch=batch, device=device, fast=fast, params=params,
-                                images_per_s=round(rate, 1), first_step_s=round(first, 2))
-    print(f"\n{preset} batch {batch} on {device} ({'bf16+channels_last+compile' if fast else 'eager fp32'}): "
-          f"{rate:.1f} images/s (median step {stats.median * 1e3:.1f} ms, IQR {stats.iqr * 1e3:.1f} ms); "
-          f"first step {first:.2f} s")
-    return rate
-
-
-def test_train_step_tiny_cpu(benchmark):
-    run(benchmark, "tiny", 8, "cpu", fast=False, rounds=5, warmup=1)
+def test_train_step_tiny_cpu(bench):
+    step, params = make_step("tiny", 8, "cpu", fast=False)
+    row = bench(step, what="train", backend="eager-fp32", batch=8, preset="tiny", params=params)
+    print(f"tiny batch 8 on cpu (eager fp32): {8 / (row['ms_median'] * 1e-3):.1f} images/s")
 
 
 RATES: dict[bool, float] = {}
 
 
-@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="ddpm-cifar10 at batch 128 needs CUDA (35.7M parameters: minutes per step on this CPU)")
 @pytest.mark.parametrize("fast", [False, True], ids=["eager-fp32", "bf16-channels_last-compile"])
-def test_train_step_cifar10_cuda(benchmark, fast):
-    if not CUDA:
-        pytest.skip("ddpm-cifar10 at batch 128 needs CUDA (35.7M parameters: minutes per step on this CPU)")
-    RATES[fast] = run(benchmark, "ddpm-cifar10", 128, "cuda", fast, rounds=20, warmup=3)
-    if len(RATES) == 2 and None not in RATES.values():
+def test_train_step_cifar10_cuda(bench, fast):
+    step, params = make_step("ddpm-cifar10", 128, "cuda", fast)
+    row = bench(step, what="train", backend="bf16-channels_last-compile" if fast else "eager-fp32", batch=128,
+                preset="ddpm-cifar10", params=params, warmup=3, rounds=20)
+    RATES[fast] = 128 / (row["ms_median"] * 1e-3)
+    row["images_per_s"] = round(RATES[fast], 1)
+    if len(RATES) == 2:
         print(f"fast path / eager fp32: {RATES[True] / RATES[False]:.2f}x (target on the H200: >= 3x)")

@@ -1,5 +1,6 @@
-"""Collects one row per measurement; with DDPM_BENCH_OUT=DIR set, writes DIR/<date>-<device>.json
-and .md at the end of the session (benchmarks/gpu.sh sets it to benchmarks/results)."""
+"""Collects one row per measurement; with DDPM_BENCH_OUT=DIR set, (re)writes DIR/<date>-<device>.json
+and .md after every row, so a run stopped by a time limit keeps what it measured
+(benchmarks/gpu.sh sets it to benchmarks/results)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.harness import ON_GPU, Timing, measure_ceilings
+from benchmarks.harness import ON_GPU, ROUNDS, WARMUP, Timing, measure, measure_ceilings
 
 ROWS: list[dict] = []
+START = datetime.datetime.now(datetime.timezone.utc)
 _CEILINGS: dict = {}
 
 
@@ -30,22 +32,28 @@ def record(request):
 
     def add(*, what: str, backend: str, batch: int, timing: Timing, flops: float | None = None,
             bytes: float | None = None, **extra) -> dict:
-        row = {"what": what, "backend": backend, "batch": batch, "ms_median": round(timing.median_ms, 4),
-               "ms_min": round(timing.min_ms, 4), "ms_max": round(timing.max_ms, 4),
-               "first_call_s": round(timing.first_call_s, 3), "rounds": timing.rounds, **extra,
+        row = {"what": what, "backend": backend, "batch": batch, "ms_median": sig(timing.median_ms),
+               "ms_min": sig(timing.min_ms), "ms_max": sig(timing.max_ms),
+               "first_call_s": sig(timing.first_call_s), "rounds": timing.rounds, **extra,
                "test": request.node.nodeid}
         seconds = timing.median_ms * 1e-3
         if flops is not None:
-            row["tflop_per_s"] = round(flops / seconds / 1e12, 3)
-            row["fraction_of_matmul_peak"] = round(flops / seconds / ceilings()["matmul_flop_per_s"], 4)
+            row["tflop_per_s"] = sig(flops / seconds / 1e12)
+            row["fraction_of_matmul_peak"] = sig(flops / seconds / ceilings()["matmul_flop_per_s"])
         if bytes is not None:
-            row["gb_per_s"] = round(bytes / seconds / 1e9, 2)
-            row["fraction_of_copy"] = round(bytes / seconds / ceilings()["copy_bytes_per_s"], 4)
+            row["gb_per_s"] = sig(bytes / seconds / 1e9)
+            row["fraction_of_copy"] = sig(bytes / seconds / ceilings()["copy_bytes_per_s"])
         ROWS.append(row)
         print(f"\n{row}")
+        write_report()
         return row
 
     return add
+
+
+def sig(value: float) -> float:
+    """Four significant digits."""
+    return float(f"{value:.4g}")
 
 
 def device_name() -> str:
@@ -67,7 +75,7 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def pytest_sessionfinish(session, exitstatus):
+def write_report() -> None:
     out = os.environ.get("DDPM_BENCH_OUT")
     if not out or not ROWS:
         return
@@ -77,9 +85,31 @@ def pytest_sessionfinish(session, exitstatus):
     except ImportError:
         triton_version = None
     report = {"gpu": torch.cuda.get_device_name() if ON_GPU else None, "device": device_name(),
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "torch": torch.__version__, "triton": triton_version, "ceilings": ceilings(), "rows": ROWS}
+              "date": START.isoformat(timespec="seconds"), "torch": torch.__version__, "triton": triton_version,
+              "ceilings": ceilings(), "rows": ROWS}
     stem = f"{report['date'][:10]}-{'gpu' if ON_GPU else 'cpu'}"
     Path(out).mkdir(parents=True, exist_ok=True)
     (Path(out) / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
     (Path(out) / f"{stem}.md").write_text(markdown(report))
+
+
+@pytest.fixture
+def bench(benchmark, record):
+    """Time fn with `measure`, record the row, and give pytest-benchmark its own synchronised rounds.
+
+    bench(fn, what=, backend=, batch=, flops=None, bytes=None, **extra) -> the row.
+    """
+
+    def run(fn, *, what: str, backend: str, batch: int, warmup: int = WARMUP, rounds: int = ROUNDS, **row) -> dict:
+        result = record(what=what, backend=backend, batch=batch, timing=measure(fn, warmup, rounds), **row)
+        benchmark.extra_info.update({k: v for k, v in result.items() if k != "test"})
+
+        def synchronised():
+            fn()
+            if ON_GPU:
+                torch.cuda.synchronize()
+
+        benchmark.pedantic(synchronised, rounds=rounds, iterations=1)
+        return result
+
+    return run
