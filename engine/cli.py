@@ -1,4 +1,4 @@
-"""`ddpm-engine`: sample images or interpolations from a checkpoint."""
+"""`ddpm-engine`: sample images or interpolations from a checkpoint, or benchmark the backends."""
 
 from __future__ import annotations
 
@@ -8,7 +8,11 @@ from pathlib import Path
 
 import torch
 
+from engine import distributed
+from engine.backends import BACKENDS, PRECISIONS, build_backend
+from engine.bench import BENCH_BACKENDS, bench, format_header
 from engine.checkpoint import Checkpoint, CheckpointError, load_checkpoint
+from engine.config import PRESETS
 from engine.generate import SampleSettings, generate, interpolate
 from engine.images import check_writable, grid, save_png, staged_output, write_samples
 from engine.noise import MASK32
@@ -20,6 +24,10 @@ EXAMPLES = """examples:
   ddpm-engine sample -n 100 --classes cat,dog --guidance 1.8 --sampler ddim --steps 50
   ddpm-engine sample -n 8 --sampler ddpm --variance small --seed 7 --batch-size 4
   ddpm-engine interpolate --class 3 --pairs 2 --frames 9 --out interp
+  ddpm-engine sample --checkpoint model.onnx -n 16           # ONNX Runtime (.plan: TensorRT)
+  ddpm-engine sample -n 1000 --backend engine --device cuda    # fused U-Net + CUDA graphs, bf16
+  torchrun --nproc-per-node 8 -m engine.cli sample -n 100000  # one share of the images per GPU
+  ddpm-engine bench --preset ddpm-cifar10 --batch-sizes 2,256,1024
 """
 
 
@@ -63,14 +71,17 @@ def build_parser() -> Parser:
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--checkpoint", type=Path, default=None,
-                       help="a .safetensors checkpoint (default: the bundled CIFAR-10 model)")
+                       help="a .safetensors checkpoint, an exported .onnx file (ONNX Runtime) or a .plan "
+                            "(TensorRT) (default: the bundled CIFAR-10 model)")
         p.add_argument("--guidance", "-w", type=non_negative_float, default=None,
                        help="guidance scale w in (1 + w) eps(x, c) - w eps(x, null); 0 = purely conditional "
                             "(default: 1.8 for sample, 0 for interpolate)")
         p.add_argument("--seed", type=int_range(0, MASK32), default=0, help="run seed (default: 0)")
         p.add_argument("--device", default="auto", help="auto, cpu or cuda[:k] (default: auto)")
-        p.add_argument("--backend", choices=["auto", "eager"], default="auto",
-                       help="model implementation (default: auto = the fastest correct one here)")
+        p.add_argument("--backend", choices=BACKENDS, default="auto",
+                       help="model implementation (default: auto = engine on CUDA, the fastest correct one on the CPU)")
+        p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                       help="for engine, eager and compile (default: auto = bf16 on CUDA, fp32 on the CPU)")
         p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
     sample = commands.add_parser("sample", help="sample N images", epilog=EXAMPLES,
@@ -98,7 +109,37 @@ def build_parser() -> Parser:
     interp.add_argument("--frames", type=int_range(2), default=9, help="images per row, ends included (default: 9)")
     interp.add_argument("--steps", type=int_range(1), default=50, help="DDIM steps (default: 50)")
     interp.add_argument("--out", type=Path, default=Path("interpolation"), help="output folder (default: ./interpolation)")
+
+    bench_cmd = commands.add_parser("bench", help="per-step latency and images/s of each backend, same run",
+                                    epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench_cmd.add_argument("--preset", choices=list(PRESETS), default="ddpm-cifar10", help="default: ddpm-cifar10")
+    bench_cmd.add_argument("--batch-sizes", type=batch_list, default=[2, 256, 1024],
+                           help="U-Net batches (2 x images under guidance), comma-separated (default: 2,256,1024)")
+    bench_cmd.add_argument("--backends", type=backend_list, default=list(BENCH_BACKENDS),
+                           help=f"comma-separated, from {','.join(BENCH_BACKENDS)} (default: all)")
+    bench_cmd.add_argument("--steps", type=int_range(1, 1000), default=1000,
+                           help="sampling steps a run takes, for images/s (default: 1000)")
+    bench_cmd.add_argument("--rounds", type=int_range(1), default=None, help="timed calls per case (default: 30 GPU, 3 CPU)")
+    bench_cmd.add_argument("--cpu-budget-s", type=non_negative_float, default=20.0,
+                           help="on the CPU, skip cases estimated to take longer (default: 20)")
+    bench_cmd.add_argument("--device", default="auto", help="auto, cpu or cuda[:k] (default: auto)")
     return parser
+
+
+def batch_list(text: str) -> list[int]:
+    parse = int_range(2)
+    sizes = [parse(item) for item in text.split(",")]
+    if any(b % 2 for b in sizes):
+        raise argparse.ArgumentTypeError("batch sizes count the U-Net batch under guidance (2 x images): use even numbers")
+    return sizes
+
+
+def backend_list(text: str) -> list[str]:
+    names = [item.strip() for item in text.split(",")]
+    unknown = [n for n in names if n not in BENCH_BACKENDS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown backend {unknown[0]!r}; use {','.join(BENCH_BACKENDS)}")
+    return names
 
 
 def resolve_device(name: str) -> torch.device:
@@ -114,11 +155,19 @@ def resolve_device(name: str) -> torch.device:
 
 
 def open_checkpoint(path: Path | None, device: torch.device) -> Checkpoint:
+    """A .safetensors checkpoint, or an exported .onnx (ONNX Runtime) or .plan (TensorRT) file."""
     if path is None:
         if not BUNDLED_CHECKPOINT.is_file():
             raise UsageError("this install has no bundled model; pass --checkpoint PATH "
                              "(train one with: ddpm-train --preset tiny --dataset synthetic --out runs/tiny)")
         path = BUNDLED_CHECKPOINT
+    match path.suffix:
+        case ".onnx":
+            from export.onnx_runtime import load_onnx
+            return load_onnx(path, device)
+        case ".plan":
+            from export.tensorrt import load_plan
+            return load_plan(path, device)
     return load_checkpoint(path, device)
 
 
@@ -143,19 +192,33 @@ def check_steps(steps: int | None, num_timesteps: int) -> None:
 
 
 def cmd_sample(args) -> None:
+    """Under torchrun every rank samples its share of the indices and rank 0 writes the output."""
     check_writable(args.out)
-    device = resolve_device(args.device)
-    ckpt = open_checkpoint(args.checkpoint, device)
-    classes = parse_classes(args.classes, ckpt.class_names)
-    check_steps(args.steps, ckpt.diffusion.num_timesteps)
-    n = args.n if args.n is not None else 10 * len(classes)
-    guidance = 1.8 if args.guidance is None else args.guidance
-    settings = SampleSettings(sampler=args.sampler, steps=args.steps, eta=args.eta, variance=args.variance,
-                              spacing=args.spacing, guidance=guidance, clip_x0=args.clip_x0)
-    images, labels = generate(ckpt.model, ckpt.model.config, ckpt.diffusion, settings, torch.arange(n), classes,
-                              args.seed, args.batch_size, device, progress=not args.no_progress)
-    write_samples(args.out, images, labels, classes)
-    print(f"wrote {n} images to {args.out}/ (grid.png, images/, samples.npz)")
+    world = distributed.init(resolve_device(args.device).type)
+    try:
+        device = distributed.device_for(world, resolve_device(args.device))
+        ckpt = open_checkpoint(args.checkpoint, device)
+        classes = parse_classes(args.classes, ckpt.class_names)
+        check_steps(args.steps, ckpt.diffusion.num_timesteps)
+        n = args.n if args.n is not None else 10 * len(classes)
+        if n < world.size:
+            raise UsageError(f"-n {n} is fewer images than the {world.size} processes")
+        guidance = 1.8 if args.guidance is None else args.guidance
+        settings = SampleSettings(sampler=args.sampler, steps=args.steps, eta=args.eta, variance=args.variance,
+                                  spacing=args.spacing, guidance=guidance, clip_x0=args.clip_x0)
+        backend = build_backend(ckpt, args.backend, device, args.precision, max_images=args.batch_size)
+        indices = distributed.shard(torch.arange(n), world)
+        images, labels = generate(backend.model, ckpt.model.config, ckpt.diffusion, settings, indices, classes,
+                                  args.seed, args.batch_size, device, progress=not args.no_progress and world.is_main,
+                                  loop=backend.loop)
+        images, labels = distributed.gather(images, n, world, device), distributed.gather(labels, n, world, device)
+        if world.is_main:
+            write_samples(args.out, images, labels, classes)
+            ranks = f", {world.size} processes" if world.size > 1 else ""
+            print(f"wrote {n} images to {args.out}/ (grid.png, images/, samples.npz; {backend.name} on {device}{ranks})")
+        distributed.barrier(world)
+    finally:
+        distributed.finish(world)
 
 
 def cmd_interpolate(args) -> None:
@@ -164,7 +227,9 @@ def cmd_interpolate(args) -> None:
     ckpt = open_checkpoint(args.checkpoint, device)
     (class_index,) = parse_classes(args.class_name, ckpt.class_names)
     check_steps(args.steps, ckpt.diffusion.num_timesteps)
-    images = interpolate(ckpt.model, ckpt.model.config, ckpt.diffusion, class_index, args.pairs, args.frames,
+    # One batch of 2 * pairs * frames, through the backend's eps model (no graphs: one run).
+    backend = build_backend(ckpt, args.backend, device, args.precision, graphs=False)
+    images = interpolate(backend.model, ckpt.model.config, ckpt.diffusion, class_index, args.pairs, args.frames,
                          args.seed, args.steps, args.guidance or 0.0, device, progress=not args.no_progress)
     with staged_output(args.out) as stage:
         rows = [images[i:i + args.frames] for i in range(0, len(images), args.frames)]
@@ -172,10 +237,21 @@ def cmd_interpolate(args) -> None:
     print(f"wrote {args.out}/interpolation.png (rows: lerp then slerp for each of {args.pairs} pair(s))")
 
 
+def cmd_bench(args) -> None:
+    device = resolve_device(args.device)
+    print(f"{args.preset} on {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'the CPU'}, "
+          f"torch {torch.__version__}; step = guided U-Net call + update + noise; images/s over {args.steps} steps")
+    print(format_header())
+    _, skipped = bench(args.preset, args.batch_sizes, args.backends, device, steps=args.steps, rounds=args.rounds,
+                       cpu_budget_s=args.cpu_budget_s)
+    for line in skipped:
+        print(f"skipped {line}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        {"sample": cmd_sample, "interpolate": cmd_interpolate}[args.command](args)
+        {"sample": cmd_sample, "interpolate": cmd_interpolate, "bench": cmd_bench}[args.command](args)
     except (UsageError, CheckpointError, OSError, ValueError) as e:
         print(f"ddpm-engine {args.command}: error: {e}", file=sys.stderr)
         return 1

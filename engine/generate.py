@@ -48,8 +48,12 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 
 def generate(model: nn.Module, config: ModelConfig, diffusion, settings: SampleSettings, indices: torch.Tensor,
              classes: list[int], seed: int, batch_size: int, device: torch.device | str = "cpu",
-             progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Sample the images with the given global indices; returns (uint8 N x H x W x 3, int64 labels)."""
+             progress: bool = True, loop=sample_loop) -> tuple[np.ndarray, np.ndarray]:
+    """Sample the images with the given global indices; returns (uint8 N x H x W x 3, int64 labels).
+
+    `loop` runs the reverse process for one batch, with sample_loop's signature (e.g. an
+    engine.graphs.GraphedSampler).
+    """
     plan = make_plan(settings, diffusion).to(device)
     shape = (config.in_channels, config.image_size, config.image_size)
     batches = indices.split(batch_size)
@@ -57,8 +61,8 @@ def generate(model: nn.Module, config: ModelConfig, diffusion, settings: SampleS
     with tqdm(total=len(batches) * plan.num_steps, desc="sampling", unit="step", disable=not progress) as bar:
         for batch in batches:
             y = labels_for(batch, classes)
-            x = sample_loop(model, plan, y.to(device), image_keys(seed, batch).to(device), shape,
-                            settings.guidance, config.null_class, settings.clip_x0, on_step=bar.update)
+            x = loop(model, plan, y.to(device), image_keys(seed, batch).to(device), shape,
+                     settings.guidance, config.null_class, settings.clip_x0, on_step=bar.update)
             images.append(to_uint8(x))
             labels.append(y.numpy())
     return np.concatenate(images), np.concatenate(labels)

@@ -1,0 +1,156 @@
+"""The epsilon model (and the loop that drives it) for each `--backend`.
+
+    eager     the reference UNet; in bf16/fp16 a channels_last copy with float32 norms
+    compile   torch.compile of that eager model
+    engine    engine.fused.FusedUNet (Triton kernels) driven by engine.graphs.GraphedSampler
+              (one CUDA graph per batch bucket); on the CPU only under TRITON_INTERPRET=1
+    onnx      ONNX Runtime on an exported graph (a .onnx checkpoint, or exported on the fly)
+    tensorrt  a .plan built by ddpm-export (CUDA and TensorRT only)
+    auto      engine on CUDA; on the CPU, CPU_AUTO (measured below)
+
+Every backend takes float32 x and returns float32 eps, so the samplers run unchanged and
+the same seed gives the same images up to the precision used.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from engine.checkpoint import Checkpoint
+from engine.fused import DTYPES
+from engine.model import GroupNorm32, UNet
+from engine.sampler import sample_loop
+
+BACKENDS = ("auto", "engine", "eager", "compile", "onnx", "tensorrt")
+PRECISIONS = ("auto", *DTYPES)
+
+# The CPU default, measured on this project's 2-core CI machine (torch 2.13 CPU, onnxruntime
+# CPU provider, fp32, one U-Net call, median; see engine/bench.py to measure again):
+#   preset           batch   eager      torch.compile   ONNX Runtime
+#   tiny                 2   CPU_TINY_2
+#   tiny                64   CPU_TINY_64
+#   tiny               512   CPU_TINY_512
+#   cifar10-compact      2   CPU_COMPACT_2
+#   cifar10-compact     64   CPU_COMPACT_64
+CPU_AUTO = "eager"
+
+
+class BackendError(ValueError):
+    """A backend that cannot run here, or cannot run this checkpoint; the message says why."""
+
+
+@dataclass
+class Backend:
+    name: str                # what actually runs, e.g. "engine-bf16" or "eager-fp32"
+    model: Callable          # eps(x, t, y): float32 in, float32 out
+    loop: Callable = sample_loop
+
+
+class EagerModel(nn.Module):
+    """The reference UNet in `dtype`: channels_last and float32 GroupNorm/embeddings below fp32."""
+
+    def __init__(self, model: UNet, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.config, self.dtype = model.config, dtype
+        self.memory_format = torch.contiguous_format if dtype == torch.float32 else torch.channels_last
+        if dtype != torch.float32:
+            model = copy.deepcopy(model).to(dtype=dtype, memory_format=self.memory_format)
+            # float32 islands: GroupNorm32's statistics cast x to float32 and need float32
+            # parameters; the embeddings are cast to x's dtype by UNet.forward itself.
+            for module in (model.time_mlp, model.class_embed, *(m for m in model.modules() if isinstance(m, GroupNorm32))):
+                module.float()
+        self.unet = model.eval()
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.unet(x.to(dtype=self.dtype, memory_format=self.memory_format), t, y).float()
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """auto: bf16 on CUDA (tensor cores), fp32 on the CPU (no fast bf16 convolutions there)."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if precision not in DTYPES:
+        raise BackendError(f"unknown precision {precision!r}; use {', '.join(PRECISIONS)}")
+    return precision
+
+
+def resolve_backend(name: str, device: torch.device) -> str:
+    if name not in BACKENDS:
+        raise BackendError(f"unknown backend {name!r}; use {', '.join(BACKENDS)}")
+    if name == "auto":
+        return "engine" if device.type == "cuda" else CPU_AUTO
+    return name
+
+
+def interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def build_backend(ckpt: Checkpoint, name: str, device: torch.device, precision: str = "auto",
+                  max_images: int = 256, graphs: bool | None = None) -> Backend:
+    """The eps model and sampling loop for `name` on `device` (ckpt.model already on it).
+
+    max_images: the most images the loop gets at once (the engine's largest graph bucket;
+    the U-Net sees twice as many under guidance). graphs: CUDA graphs for the engine
+    (default: on CUDA).
+    """
+    device = torch.device(device)
+    if not isinstance(ckpt.model, UNet):  # an exported model: it is its own backend
+        kind = "tensorrt" if type(ckpt.model).__name__.startswith("TensorRT") else "onnx"
+        if name not in ("auto", kind):
+            raise BackendError(f"this checkpoint is a {kind} export: use --backend {kind} (or auto), "
+                               f"or pass the .safetensors checkpoint for --backend {name}")
+        return Backend(f"{kind}-{getattr(ckpt.model, 'precision', 'fp16')}", ckpt.model)
+    name = resolve_backend(name, device)
+    precision = resolve_precision(precision, device)
+    dtype = DTYPES[precision]
+    match name:
+        case "eager":
+            if precision == "fp32":
+                return Backend("eager-fp32", ckpt.model.eval())
+            return Backend(f"eager-{precision}", EagerModel(ckpt.model, dtype))
+        case "compile":
+            mode = "max-autotune-no-cudagraphs" if device.type == "cuda" else "default"
+            return Backend(f"compile-{precision}", torch.compile(EagerModel(ckpt.model, dtype), mode=mode))
+        case "engine":
+            from engine.fused import fuse
+            from engine.graphs import GraphedSampler, default_buckets
+
+            if device.type != "cuda" and not interpreter_on():
+                raise BackendError("--backend engine runs Triton kernels and needs a CUDA device "
+                                   "(on the CPU only in the Triton interpreter, TRITON_INTERPRET=1, for testing)")
+            use_graphs = device.type == "cuda" if graphs is None else graphs
+            if use_graphs and device.type != "cuda":
+                raise BackendError("CUDA graphs need a CUDA device")
+            return Backend(f"engine-{precision}", fuse(ckpt.model, dtype),
+                           GraphedSampler(default_buckets(max_images), graphs=use_graphs))
+        case "onnx":
+            return Backend(f"onnx-{'fp16' if precision == 'fp16' else 'fp32'}",
+                           onnx_from_checkpoint(ckpt, device, fp16=precision == "fp16"))
+        case "tensorrt":
+            raise BackendError("--backend tensorrt runs a .plan file: build one with ddpm-export --tensorrt, "
+                               "then pass it as --checkpoint")
+    raise AssertionError(name)
+
+
+def onnx_from_checkpoint(ckpt: Checkpoint, device: torch.device, fp16: bool = False):
+    """Export the checkpoint to a temporary verified .onnx file and open it in ONNX Runtime."""
+    from export.onnx_export import ExportError, export_onnx
+    from export.onnx_runtime import load_onnx
+
+    with tempfile.TemporaryDirectory(prefix="ddpm-onnx-") as folder:
+        path = Path(folder) / "model.onnx"
+        try:
+            export_onnx(ckpt, path, fp16=fp16)
+        except ExportError as e:
+            raise BackendError(f"--backend onnx: {e}") from None
+        return load_onnx(path, device).model  # the session holds the graph in memory

@@ -1,0 +1,153 @@
+"""`ddpm-engine bench`: one guided sampling step per backend and batch size, in the same run.
+
+A step is what the sampler does per timestep: the U-Net on the batch of 2B (conditional and
+unconditional halves), the guidance combine, the per-image noise and the DDPM update; for
+the engine it is one CUDA-graph replay of exactly that. `batch` is the U-Net batch (images
+x2 under guidance), as in ../shared/GPU.md. images/s is for a whole run of `steps` steps.
+Random weights (speed does not depend on them). Times: CUDA events on the GPU after
+warm-up, perf_counter on the CPU; the first call (compilation, autotuning, graph capture)
+is reported apart.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from engine.backends import BackendError, build_backend
+from engine.checkpoint import Checkpoint
+from engine.config import CIFAR10_CLASSES, DiffusionConfig, ModelConfig
+from engine.graphs import GraphedSampler
+from engine.model import UNet
+from engine.noise import gaussian_noise, image_keys
+from engine.sampler import ddpm_plan, guided_eps, step
+
+# name -> (backend, precision) for engine.backends.build_backend
+BENCH_BACKENDS = {
+    "eager-fp32": ("eager", "fp32"),
+    "eager-bf16": ("eager", "bf16"),
+    "compile": ("compile", "auto"),
+    "engine": ("engine", "auto"),
+    "onnx": ("onnx", "fp32"),
+}
+GUIDANCE = 1.8
+
+
+@dataclass
+class Row:
+    backend: str
+    batch: int
+    step_ms: float        # median
+    step_ms_min: float
+    step_ms_max: float
+    first_call_s: float
+    images_per_s: float   # (batch / 2) images through `steps` steps
+    tflop_per_s: float
+
+
+def measure(fn, device: torch.device, warmup: int, rounds: int) -> tuple[float, float, float, float]:
+    """(median, min, max) ms of fn() after warm-up, and the first call's seconds."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    start = time.perf_counter()
+    fn()
+    sync()
+    first_s = time.perf_counter() - start
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(rounds):
+        if device.type == "cuda":
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(begin.elapsed_time(end))
+        else:
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times), min(times), max(times), first_s
+
+
+def flops_per_image(config: ModelConfig) -> float:
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        UNet(config).eval()(torch.zeros(1, config.in_channels, config.image_size, config.image_size),
+                            torch.zeros(1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64))
+    return float(counter.get_total_flops())
+
+
+def step_fn(backend, plan, images: int, config: ModelConfig, device: torch.device):
+    """A no-argument function running one guided step on `images` images (batch 2 x images)."""
+    shape = (config.in_channels, config.image_size, config.image_size)
+    labels = (torch.arange(images) % config.num_classes).to(device)
+    keys = image_keys(0, torch.arange(images)).to(device)
+    if isinstance(backend.loop, GraphedSampler):
+        advance, _ = backend.loop.prepare(backend.model, plan, labels, keys, shape, GUIDANCE, config.null_class)
+        return advance  # starts at step S - 1 and counts down: fine for fewer than S calls
+    x = gaussian_noise(keys, 0, shape)
+    i = plan.num_steps // 2
+    t = plan.timesteps[i].expand(images)
+
+    @torch.no_grad()
+    def run():
+        eps = guided_eps(backend.model, x, t, labels, GUIDANCE, config.null_class).float()
+        return step(plan, i, x, eps, gaussian_noise(keys, i, shape))
+    return run
+
+
+def bench(preset: str, batch_sizes: list[int], backends: list[str], device: torch.device, steps: int = 1000,
+          warmup: int | None = None, rounds: int | None = None, cpu_budget_s: float = 20.0,
+          log=print) -> tuple[list[Row], list[str]]:
+    """Measure every (backend, batch); returns the rows and one line per skipped case."""
+    config = ModelConfig.from_name(preset)
+    on_gpu = device.type == "cuda"
+    warmup = (10 if on_gpu else 1) if warmup is None else warmup
+    rounds = (30 if on_gpu else 3) if rounds is None else rounds
+    for b in batch_sizes:
+        if b < 2 or b % 2:
+            raise ValueError(f"batch {b}: the U-Net batch under guidance is 2 x images, so it must be even and >= 2")
+    torch.manual_seed(0)
+    ckpt = Checkpoint(UNet(config).eval().to(device), DiffusionConfig(), CIFAR10_CLASSES)
+    plan = ddpm_plan(DiffusionConfig(), steps).to(device)
+    flops = flops_per_image(config)
+    rows, skipped = [], []
+    ms_per_image = None  # eager fp32 cost per image on the CPU, to skip cases over the budget
+    for name in backends:
+        kind, precision = BENCH_BACKENDS[name]
+        if kind == "engine" and not on_gpu:
+            skipped.append(f"{name}: needs CUDA (the Triton interpreter on the CPU is for tests, not timing)")
+            continue
+        try:
+            backend = build_backend(ckpt, kind, device, precision, max_images=max(batch_sizes) // 2)
+        except BackendError as e:
+            skipped.append(f"{name}: {e}")
+            continue
+        for batch in batch_sizes:
+            if not on_gpu and ms_per_image is not None:
+                estimate_s = ms_per_image * batch * (warmup + rounds + 1) / 1e3
+                if estimate_s > cpu_budget_s:
+                    skipped.append(f"{name} batch {batch}: ~{estimate_s:.0f} s on this CPU (estimated from eager fp32 "
+                                   f"at batch {batch_sizes[0]}), over --cpu-budget-s {cpu_budget_s:g}")
+                    continue
+            median, low, high, first = measure(step_fn(backend, plan, batch // 2, config, device), device, warmup, rounds)
+            if ms_per_image is None:
+                ms_per_image = median / batch
+            row = Row(backend.name, batch, median, low, high, first, (batch // 2) / (median * 1e-3 * steps),
+                      flops * batch / (median * 1e-3) / 1e12)
+            rows.append(row)
+            log(format_row(row))
+    return rows, skipped
+
+
+def format_header() -> str:
+    return f"{'backend':<14} {'batch':>6} {'step ms (min-max)':>24} {'images/s':>10} {'TFLOP/s':>8} {'first call s':>12}"
+
+
+def format_row(r: Row) -> str:
+    spread = f"{r.step_ms:.3f} ({r.step_ms_min:.3f}-{r.step_ms_max:.3f})"
+    return f"{r.backend:<14} {r.batch:>6} {spread:>24} {r.images_per_s:>10.2f} {r.tflop_per_s:>8.3f} {r.first_call_s:>12.2f}"

@@ -1,0 +1,92 @@
+"""Sampling on several processes under torchrun: each rank draws a contiguous share of the
+image indices, rank 0 gathers them and writes the one output.
+
+Image i's noise and label depend only on (seed, i) (engine.noise, engine.generate), so the
+gathered result is the single-process result whatever the number of ranks. NCCL on CUDA
+(each rank on cuda:LOCAL_RANK), gloo on the CPU.
+
+    torchrun --nproc-per-node 8 -m engine.cli sample -n 100000 --out samples
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init(device_type: str) -> World:
+    """Join the process group torchrun set up (NCCL for CUDA, gloo for the CPU); a no-op alone."""
+    if not launched_by_torchrun():
+        return World()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def device_for(world: World, device: torch.device) -> torch.device:
+    """cuda -> this rank's own GPU (cuda:LOCAL_RANK); other devices unchanged."""
+    if device.type == "cuda" and world.size > 1:
+        device = torch.device("cuda", world.local_rank)
+        torch.cuda.set_device(device)
+    return device
+
+
+def shard_counts(n: int, world_size: int) -> list[int]:
+    """Images per rank: contiguous shares differing by at most one, the larger ones first."""
+    return [n // world_size + (r < n % world_size) for r in range(world_size)]
+
+
+def shard(indices: torch.Tensor, world: World) -> torch.Tensor:
+    """This rank's contiguous slice of the indices (so rank order is index order)."""
+    counts = shard_counts(len(indices), world.size)
+    start = sum(counts[:world.rank])
+    return indices[start:start + counts[world.rank]]
+
+
+def gather(array: np.ndarray, n: int, world: World, device: torch.device) -> np.ndarray | None:
+    """Concatenate every rank's rows (rank order) on rank 0; None on the other ranks.
+
+    The shares' sizes are known from n, so each is padded to the largest and sent as one
+    tensor with a plain collective gather (on the rank's GPU for NCCL, else the CPU).
+    """
+    if world.size == 1:
+        return array
+    counts = shard_counts(n, world.size)
+    padded = np.zeros((counts[0], *array.shape[1:]), dtype=array.dtype)
+    padded[:len(array)] = array
+    comm_device = device if dist.get_backend() == "nccl" else torch.device("cpu")
+    local = torch.from_numpy(padded).to(comm_device)
+    parts = [torch.empty_like(local) for _ in range(world.size)] if world.is_main else None
+    dist.gather(local, parts, dst=0)
+    if not world.is_main:
+        return None
+    return np.concatenate([p[:c].cpu().numpy() for p, c in zip(parts, counts)])
+
+
+def barrier(world: World) -> None:
+    if world.size > 1:
+        dist.barrier()
+
+
+def finish(world: World) -> None:
+    if world.size > 1 and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,114 @@
+"""--backend: the same seed gives the same images on every backend available here, and a
+backend that cannot run says why in one line."""
+
+import numpy as np
+import pytest
+import torch
+
+from engine.backends import BackendError, EagerModel, build_backend, resolve_backend
+from engine.checkpoint import load_checkpoint, save_checkpoint
+from engine.cli import main
+from engine.config import CIFAR10_CLASSES, PRESETS, DiffusionConfig
+from engine.model import UNet
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    model = UNet(PRESETS["tiny"])
+    with torch.no_grad():  # keep random-weight images off the clipping rails (as tests/export does)
+        model.conv_out.weight.mul_(0.1)
+        model.conv_out.bias.mul_(0.1)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    save_checkpoint(path, model, DiffusionConfig(num_timesteps=100, beta_end=0.01), CIFAR10_CLASSES)
+    return path
+
+
+def sample(checkpoint, out, *extra):
+    code = main(["sample", "--checkpoint", str(checkpoint), "--out", str(out), "--no-progress", "-n", "2",
+                 "--sampler", "ddim", "--steps", "2", "--seed", "3", *extra])
+    assert code == 0
+    return np.load(out / "samples.npz")["x"].astype(int)
+
+
+@pytest.fixture(scope="module")
+def eager_images(checkpoint, tmp_path_factory):
+    return sample(checkpoint, tmp_path_factory.mktemp("eager"), "--backend", "eager")
+
+
+@pytest.mark.parametrize("extra", [
+    ["--backend", "auto"],
+    ["--backend", "onnx"],
+    ["--backend", "eager", "--precision", "bf16"],
+], ids=["auto", "onnx", "eager-bf16"])
+def test_same_seed_same_images_across_backends(checkpoint, eager_images, tmp_path, extra):
+    pytest.importorskip("onnxruntime")
+    diff = abs(sample(checkpoint, tmp_path / "out", *extra) - eager_images)
+    # fp32 backends: rounding only; bf16: a few intensity levels.
+    assert diff.mean() <= (0.05 if "bf16" not in extra else 2.0) and diff.max() <= 8, (diff.mean(), diff.max())
+
+
+def test_engine_backend_in_the_interpreter(checkpoint, eager_images, tmp_path):
+    """The fused model (Triton interpreter on the CPU) through the runner's eager path."""
+    diff = abs(sample(checkpoint, tmp_path / "out", "--backend", "engine", "--precision", "fp32") - eager_images)
+    assert diff.max() <= 1, diff.max()
+
+
+def test_exported_onnx_checkpoint_samples_like_eager(checkpoint, eager_images, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from export.onnx_export import export_onnx
+
+    onnx_path = tmp_path / "tiny.onnx"
+    export_onnx(load_checkpoint(checkpoint), onnx_path)
+    diff = abs(sample(onnx_path, tmp_path / "out") - eager_images)
+    assert diff.max() <= 1
+
+
+def test_refusals_are_one_line(checkpoint, tmp_path, capsys, monkeypatch):
+    def run(*args, path=checkpoint):
+        return main(["sample", "--checkpoint", str(path), "--out", str(tmp_path / "o"), "--no-progress", *args])
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert run("--backend", "engine") == 1
+    assert "needs a CUDA device" in capsys.readouterr().err
+    assert run("--backend", "tensorrt") == 1
+    assert "runs a .plan file" in capsys.readouterr().err
+    plan = tmp_path / "model.plan"
+    plan.write_bytes(b"junk")
+    assert run(path=plan) == 1
+    err = capsys.readouterr().err
+    assert "not a ddpm-engine TensorRT plan" in err and len(err.strip().splitlines()) == 1
+    bad_onnx = tmp_path / "model.onnx"
+    bad_onnx.write_bytes(b"junk")
+    assert run(path=bad_onnx) == 1
+    err = capsys.readouterr().err
+    assert ("not a readable ONNX model" in err or "needs onnxruntime" in err) and len(err.strip().splitlines()) == 1
+    if torch.cuda.is_available():
+        return
+    assert run("--device", "cuda") == 1
+    assert "CUDA is not available" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_onnx_checkpoint_only_runs_on_onnx(checkpoint, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from export.onnx_export import export_onnx
+    from export.onnx_runtime import load_onnx
+
+    path = tmp_path / "m.onnx"
+    export_onnx(load_checkpoint(checkpoint), path)
+    ckpt = load_onnx(path)
+    assert build_backend(ckpt, "auto", torch.device("cpu")).name == "onnx-fp32"
+    with pytest.raises(BackendError, match="use --backend onnx"):
+        build_backend(ckpt, "eager", torch.device("cpu"))
+
+
+def test_auto_is_the_engine_on_cuda():
+    assert resolve_backend("auto", torch.device("cuda")) == "engine"
+
+
+def test_eager_bf16_keeps_float32_islands():
+    model = EagerModel(UNet(PRESETS["tiny"]), torch.bfloat16)
+    assert model.unet.norm_out.weight.dtype == torch.float32 and model.unet.conv_out.weight.dtype == torch.bfloat16
+    x = torch.randn(1, 3, 32, 32)
+    assert model(x, torch.tensor([3]), torch.tensor([1])).dtype == torch.float32
