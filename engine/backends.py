@@ -6,7 +6,7 @@
               (one CUDA graph per batch bucket); on the CPU only under TRITON_INTERPRET=1
     onnx      ONNX Runtime on an exported graph (a .onnx checkpoint, or exported on the fly)
     tensorrt  a .plan built by ddpm-export (CUDA and TensorRT only)
-    auto      engine on CUDA; on the CPU, CPU_AUTO (measured below)
+    auto      engine on CUDA; on the CPU ONNX Runtime for long runs, else eager (measured below)
 
 Every backend takes float32 x and returns float32 eps, so the samplers run unchanged and
 the same seed gives the same images up to the precision used.
@@ -15,6 +15,7 @@ the same seed gives the same images up to the precision used.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import os
 import tempfile
 from dataclasses import dataclass
@@ -32,15 +33,23 @@ from engine.sampler import sample_loop
 BACKENDS = ("auto", "engine", "eager", "compile", "onnx", "tensorrt")
 PRECISIONS = ("auto", *DTYPES)
 
-# The CPU default, measured on this project's 2-core CI machine (torch 2.13 CPU, onnxruntime
-# CPU provider, fp32, one U-Net call, median; see engine/bench.py to measure again):
-#   preset           batch   eager      torch.compile   ONNX Runtime
-#   tiny                 2   CPU_TINY_2
-#   tiny                64   CPU_TINY_64
-#   tiny               512   CPU_TINY_512
-#   cifar10-compact      2   CPU_COMPACT_2
-#   cifar10-compact     64   CPU_COMPACT_64
-CPU_AUTO = "eager"
+# The CPU default, measured with `ddpm-engine bench` (one guided step: U-Net on the 2B batch +
+# update + noise) on this project's 2-core CI machine, torch 2.13 CPU, onnxruntime CPU
+# provider, all fp32, random weights, in the same run; ms per step, min of the rounds (the
+# machine is shared and loaded, so medians wander by 2-5x; the mins agree across runs):
+#   preset            U-Net batch   eager    torch.compile           ONNX Runtime
+#   tiny                   2         6.6       4.3 (1st call 16 s)     9.9
+#   tiny                  64       493-1183  1628 (1st call 41 s)    245-640
+#   tiny                 512      13332     6432                     4034     (one run, loaded)
+#   cifar10-compact        2        27       (not finished: machine loaded)  52-88
+#   cifar10-compact       64      2590       -                        -
+# So: at sampling batches (the CLI's default 256 images is a U-Net batch of 512) ONNX
+# Runtime is 2-3x faster than eager; torch.compile wins only at batch 2, recompiles for every
+# new batch shape and takes 15-130 s to compile here. ONNX Runtime needs an export and its
+# verification first (1-2 s for tiny, ~10 s for cifar10-compact), repaid after a few hundred
+# image-steps, so `auto` on the CPU is ONNX Runtime for runs of at least ONNX_MIN_IMAGE_STEPS
+# (images x steps) when onnxruntime is installed, and eager otherwise.
+ONNX_MIN_IMAGE_STEPS = 500
 
 
 class BackendError(ValueError):
@@ -83,12 +92,21 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
-def resolve_backend(name: str, device: torch.device) -> str:
+def resolve_backend(name: str, device: torch.device, image_steps: int | None = None) -> str:
+    """auto: the engine on CUDA; on the CPU ONNX Runtime for long runs, else eager (see above)."""
     if name not in BACKENDS:
         raise BackendError(f"unknown backend {name!r}; use {', '.join(BACKENDS)}")
-    if name == "auto":
-        return "engine" if device.type == "cuda" else CPU_AUTO
-    return name
+    if name != "auto":
+        return name
+    if device.type == "cuda":
+        return "engine"
+    if image_steps is not None and image_steps >= ONNX_MIN_IMAGE_STEPS and onnxruntime_installed():
+        return "onnx"
+    return "eager"
+
+
+def onnxruntime_installed() -> bool:
+    return importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnx") is not None
 
 
 def interpreter_on() -> bool:
@@ -96,12 +114,12 @@ def interpreter_on() -> bool:
 
 
 def build_backend(ckpt: Checkpoint, name: str, device: torch.device, precision: str = "auto",
-                  max_images: int = 256, graphs: bool | None = None) -> Backend:
+                  max_images: int = 256, graphs: bool | None = None, image_steps: int | None = None) -> Backend:
     """The eps model and sampling loop for `name` on `device` (ckpt.model already on it).
 
     max_images: the most images the loop gets at once (the engine's largest graph bucket;
     the U-Net sees twice as many under guidance). graphs: CUDA graphs for the engine
-    (default: on CUDA).
+    (default: on CUDA). image_steps: the run's images x steps, for `auto` on the CPU.
     """
     device = torch.device(device)
     if not isinstance(ckpt.model, UNet):  # an exported model: it is its own backend
@@ -110,7 +128,7 @@ def build_backend(ckpt: Checkpoint, name: str, device: torch.device, precision: 
             raise BackendError(f"this checkpoint is a {kind} export: use --backend {kind} (or auto), "
                                f"or pass the .safetensors checkpoint for --backend {name}")
         return Backend(f"{kind}-{getattr(ckpt.model, 'precision', 'fp16')}", ckpt.model)
-    name = resolve_backend(name, device)
+    name = resolve_backend(name, device, image_steps)
     precision = resolve_precision(precision, device)
     dtype = DTYPES[precision]
     match name:
@@ -119,8 +137,8 @@ def build_backend(ckpt: Checkpoint, name: str, device: torch.device, precision: 
                 return Backend("eager-fp32", ckpt.model.eval())
             return Backend(f"eager-{precision}", EagerModel(ckpt.model, dtype))
         case "compile":
-            mode = "max-autotune-no-cudagraphs" if device.type == "cuda" else "default"
-            return Backend(f"compile-{precision}", torch.compile(EagerModel(ckpt.model, dtype), mode=mode))
+            # The default mode: max-autotune did not finish in 5 min at batch 1024 on the H200 (GPU.md).
+            return Backend(f"compile-{precision}", torch.compile(EagerModel(ckpt.model, dtype)))
         case "engine":
             from engine.fused import fuse
             from engine.graphs import GraphedSampler, default_buckets

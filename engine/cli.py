@@ -206,8 +206,10 @@ def cmd_sample(args) -> None:
         guidance = 1.8 if args.guidance is None else args.guidance
         settings = SampleSettings(sampler=args.sampler, steps=args.steps, eta=args.eta, variance=args.variance,
                                   spacing=args.spacing, guidance=guidance, clip_x0=args.clip_x0)
-        backend = build_backend(ckpt, args.backend, device, args.precision, max_images=args.batch_size)
         indices = distributed.shard(torch.arange(n), world)
+        steps = args.steps or (ckpt.diffusion.num_timesteps if args.sampler == "ddpm" else 50)
+        backend = build_backend(ckpt, args.backend, device, args.precision, max_images=args.batch_size,
+                                image_steps=len(indices) * steps)
         images, labels = generate(backend.model, ckpt.model.config, ckpt.diffusion, settings, indices, classes,
                                   args.seed, args.batch_size, device, progress=not args.no_progress and world.is_main,
                                   loop=backend.loop)
@@ -228,7 +230,8 @@ def cmd_interpolate(args) -> None:
     (class_index,) = parse_classes(args.class_name, ckpt.class_names)
     check_steps(args.steps, ckpt.diffusion.num_timesteps)
     # One batch of 2 * pairs * frames, through the backend's eps model (no graphs: one run).
-    backend = build_backend(ckpt, args.backend, device, args.precision, graphs=False)
+    backend = build_backend(ckpt, args.backend, device, args.precision, graphs=False,
+                            image_steps=2 * args.pairs * args.frames * args.steps)
     images = interpolate(backend.model, ckpt.model.config, ckpt.diffusion, class_index, args.pairs, args.frames,
                          args.seed, args.steps, args.guidance or 0.0, device, progress=not args.no_progress)
     with staged_output(args.out) as stage:

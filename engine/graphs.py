@@ -100,6 +100,7 @@ class GraphedSampler:
                 on_step()
         return x.clone()
 
+    @torch.no_grad()
     def prepare(self, model: nn.Module, plan: SamplerPlan, labels: torch.Tensor, keys: torch.Tensor,
                 shape: tuple[int, ...], guidance: float, null_class: int, clip_x0: bool = False,
                 x_T: torch.Tensor | None = None) -> tuple[Callable[[], None], torch.Tensor]:

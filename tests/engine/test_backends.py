@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.backends import BackendError, EagerModel, build_backend, resolve_backend
+from engine.backends import BackendError, EagerModel, build_backend, onnxruntime_installed, resolve_backend
 from engine.checkpoint import load_checkpoint, save_checkpoint
 from engine.cli import main
 from engine.config import CIFAR10_CLASSES, PRESETS, DiffusionConfig
@@ -103,8 +103,11 @@ def test_an_onnx_checkpoint_only_runs_on_onnx(checkpoint, tmp_path):
         build_backend(ckpt, "eager", torch.device("cpu"))
 
 
-def test_auto_is_the_engine_on_cuda():
+def test_auto_choices():
     assert resolve_backend("auto", torch.device("cuda")) == "engine"
+    assert resolve_backend("auto", torch.device("cpu"), image_steps=10) == "eager"
+    if onnxruntime_installed():
+        assert resolve_backend("auto", torch.device("cpu"), image_steps=10**6) == "onnx"
 
 
 def test_eager_bf16_keeps_float32_islands():
