@@ -4,7 +4,6 @@ import csv
 import dataclasses
 import math
 import os
-import re
 import subprocess
 import sys
 import textwrap
@@ -164,15 +163,11 @@ def test_two_processes_match_one(straight, tmp_path):
     # Same samples, timesteps, noise, label drops, flips and dropout masks: the same losses.
     for ra, rb in zip(log_rows(straight), log_rows(out), strict=True):
         assert float(rb["loss"]) == pytest.approx(float(ra["loss"]), rel=1e-4)
-    # In the tiny preset each GroupNorm group is ONE channel, which removes every per-channel
-    # constant: the biases and the whole time/class-embedding path get gradients that are zero
-    # up to rounding, which Adam turns into +-lr steps of either sign. Compare the weights that
-    # carry signal, to a tenth of one step.
+    # Every tensor, to a tenth of one Adam step (lr = 1e-3): the gradients are the same up to
+    # the order of the all-reduce's additions.
     a, b = weights(straight), weights(out)
     assert a.keys() == b.keys()
-    signal = [k for k in a if k.endswith(".weight") and not re.search("time_mlp|class_embed|emb_proj", k)]
-    assert len(signal) > 20
-    for name in signal:
+    for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=0.1 * 1e-3, msg=name)
 
 
