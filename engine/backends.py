@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from engine.checkpoint import Checkpoint
-from engine.fused import DTYPES
+from engine.config import DTYPES
 from engine.model import GroupNorm32, UNet
 from engine.sampler import sample_loop
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+import torch
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,9 @@ class DiffusionConfig:
     def from_json(cls, text: str) -> "DiffusionConfig":
         return cls(**json.loads(text))
 
+
+# The activation dtypes a model can run in (--precision).
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 PRESETS: dict[str, ModelConfig] = {
     # The paper's CIFAR-10 network: 35.7M parameters (+ the class embedding).

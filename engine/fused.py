@@ -31,9 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import kernels
+from engine.config import DTYPES
 from engine.model import AttnBlock, GroupNorm32, ResBlock, UNet, timestep_embedding
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 class FusedGroupNorm(nn.Module):
