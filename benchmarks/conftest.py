@@ -60,17 +60,22 @@ def device_name() -> str:
     return torch.cuda.get_device_name() if ON_GPU else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
+# Row fields that tell cases apart in the markdown table.
+CASE_KEYS = ("preset", "shape", "dtype", "layout", "sampler", "steps", "device")
+
+
 def markdown(report: dict) -> str:
     lines = [f"Measured {report['date']} on {report['device']}, torch {report['torch']}, triton {report['triton']}.",
              f"Ceilings measured in the same run: matmul ({report['ceilings'].get('matmul_dtype')}) "
              f"{report['ceilings'].get('matmul_flop_per_s', 0) / 1e12:.1f} TFLOP/s, copy "
              f"{report['ceilings'].get('copy_bytes_per_s', 0) / 1e9:.0f} GB/s.", "",
-             "| what | backend | batch | median ms | min ms | max ms | rate | fraction of ceiling | first call s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| what | case | backend | batch | median ms | min ms | max ms | rate | fraction of ceiling | first call s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
+        case = " ".join(str(r[k]) for k in CASE_KEYS if k in r)
         rate = f"{r['tflop_per_s']} TFLOP/s" if "tflop_per_s" in r else f"{r['gb_per_s']} GB/s" if "gb_per_s" in r else ""
         frac = r.get("fraction_of_matmul_peak", r.get("fraction_of_copy", ""))
-        lines.append(f"| {r['what']} | {r['backend']} | {r['batch']} | {r['ms_median']} | {r['ms_min']} | "
+        lines.append(f"| {r['what']} | {case} | {r['backend']} | {r['batch']} | {r['ms_median']} | {r['ms_min']} | "
                      f"{r['ms_max']} | {rate} | {frac} | {r['first_call_s']} |")
     return "\n".join(lines) + "\n"
 

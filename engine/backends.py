@@ -43,6 +43,12 @@ PRECISIONS = ("auto", *DTYPES)
 #   tiny                 512      13332     6432                     4034     (one run, loaded)
 #   cifar10-compact        2        27       (not finished: machine loaded)  52-88
 #   cifar10-compact       64      2590       -                        -
+# Re-measured on the idle machine (same command, median ms per step):
+#   tiny                   2         5.8       -                       9.3-28
+#   tiny                  64       148         -                      86
+#   tiny                 512      2451         -                     795
+#   cifar10-compact   2 / 32      28.6 / 324 (U-Net call only)      22.3 / 273
+#   ddpm-cifar10      2 / 32      84.0 / 1131 (U-Net call only)     70.5 / 987
 # So: at sampling batches (the CLI's default 256 images is a U-Net batch of 512) ONNX
 # Runtime is 2-3x faster than eager; torch.compile wins only at batch 2, recompiles for every
 # new batch shape and takes 15-130 s to compile here. ONNX Runtime needs an export and its
