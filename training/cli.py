@@ -17,7 +17,8 @@ from training.train import DEFAULT_EPOCHS, HYPERPARAMETERS, OtherRankFailed, Tra
 
 EXAMPLES = """examples:
   # a CPU smoke run (a few minutes), then sample from it
-  ddpm-train --preset tiny --dataset synthetic --steps 300 --batch-size 16 --out runs/tiny
+  ddpm-train --preset tiny --dataset synthetic --steps 800 --batch-size 32 --lr 2e-3 \
+      --warmup-multiplier 1 --warmup-epochs 2 --out runs/tiny
   ddpm-engine sample --checkpoint runs/tiny/model.safetensors -n 20 --out samples
 
   # the report's CIFAR-10 run (downloads the official archive into ./data when absent)

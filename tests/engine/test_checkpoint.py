@@ -22,6 +22,7 @@ def tiny(tmp_path):
 
 def test_round_trip_rebuilds_the_model_from_the_file_alone(tiny):
     model, path = tiny
+    assert path.stat().st_mode & 0o777 == 0o644
     ckpt = load_checkpoint(path)
     assert ckpt.model.config == model.config
     assert ckpt.diffusion == DiffusionConfig(num_timesteps=500, beta_schedule="cosine")
