@@ -37,9 +37,12 @@ def init(device_type: str) -> World:
     """Join the process group torchrun set up (NCCL for CUDA, gloo for the CPU); a no-op alone."""
     if not launched_by_torchrun():
         return World()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_type == "cuda":
+        torch.cuda.set_device(local_rank)  # before NCCL starts, so each rank talks from its own GPU
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
-    return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    return World(dist.get_rank(), dist.get_world_size(), local_rank)
 
 
 def device_for(world: World, device: torch.device) -> torch.device:

@@ -17,7 +17,6 @@ import csv
 import dataclasses
 import functools
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,10 +28,12 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
+from engine import distributed
 from engine.checkpoint import atomic_write, save_checkpoint
 from engine.config import DiffusionConfig, ModelConfig
 from engine.diffusion import alpha_bar as make_alpha_bar
 from engine.diffusion import eps_loss
+from engine.distributed import World
 from engine.generate import SampleSettings, generate
 from engine.images import check_writable, class_rows, grid
 from engine.model import UNet
@@ -159,31 +160,12 @@ def use_global_batch_dropout(model: nn.Module, rank: int, world_size: int) -> No
 
 # ---- processes and devices -------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Processes:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def start_processes() -> Processes:
+def start_processes() -> World:
     """Join the torchrun process group when launched by torchrun (WORLD_SIZE > 1)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
-        return Processes()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)  # before NCCL starts, so each rank talks from its own GPU
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return Processes(dist.get_rank(), dist.get_world_size(), local_rank)
+    return distributed.init("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def pick_device(name: str, procs: Processes) -> torch.device:
+def pick_device(name: str, procs: World) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -203,18 +185,18 @@ class OtherRankFailed(Exception):
     """This process is fine but another one failed (and reports why)."""
 
 
-def all_ranks_ok(procs: Processes, error: BaseException | None) -> None:
+def all_ranks_ok(procs: World, error: BaseException | None) -> None:
     """Raise on every rank if any rank failed, so that none waits forever in a collective.
 
     The failure is reported by rank 0 if it failed, else by the ranks that did; the others
     raise OtherRankFailed.
     """
-    if procs.world_size > 1:
+    if procs.size > 1:
         device = "cuda" if dist.get_backend() == "nccl" else "cpu"  # NCCL reduces only GPU tensors
-        failed = torch.zeros(procs.world_size, dtype=torch.int32, device=device)
+        failed = torch.zeros(procs.size, dtype=torch.int32, device=device)
         failed[procs.rank] = error is not None
         dist.all_reduce(failed)
-        if failed.any() and (error is None or (failed[0] and not procs.main)):
+        if failed.any() and (error is None or (failed[0] and not procs.is_main)):
             error = OtherRankFailed()
     if error is not None:
         raise error
@@ -249,11 +231,11 @@ def resolve(config: TrainConfig, dataset_size: int, preset: ModelConfig) -> tupl
     return config, total
 
 
-def check_config(config: TrainConfig, procs: Processes) -> None:
+def check_config(config: TrainConfig, procs: World) -> None:
     problems = []
-    if config.batch_size < 1 or config.batch_size % procs.world_size:
+    if config.batch_size < 1 or config.batch_size % procs.size:
         problems.append(f"--batch-size {config.batch_size} must be a positive multiple of the "
-                        f"{procs.world_size} processes")
+                        f"{procs.size} processes")
     if config.steps is not None and config.steps < 0:
         problems.append("--steps must be >= 0")
     if config.epochs is not None and config.epochs < 0:
@@ -285,7 +267,7 @@ def saved_config(out: Path) -> dict | None:
     return load_state(path).train_config if path.is_file() else None
 
 
-def prepare(config: TrainConfig, procs: Processes) -> Run:
+def prepare(config: TrainConfig, procs: World) -> Run:
     check_config(config, procs)
     out = Path(config.out)
     check_writable(out)
@@ -299,14 +281,14 @@ def prepare(config: TrainConfig, procs: Processes) -> Run:
 
     # Rank 0 loads first: it may download, which the others must not race.
     dataset, error = None, None
-    if procs.main:
+    if procs.is_main:
         try:
             dataset = load_dataset(config.dataset, Path(config.data_dir) if config.data_dir else None,
                                    preset.image_size, config.seed)
         except Exception as e:  # reported on every rank below
             error = e
     all_ranks_ok(procs, error)
-    if not procs.main:
+    if not procs.is_main:
         dataset = load_dataset(config.dataset, Path(config.data_dir) if config.data_dir else None,
                                preset.image_size, config.seed)
 
@@ -337,15 +319,13 @@ def train(config: TrainConfig, on_step=None) -> Path:
     procs = start_processes()
     try:
         path = _train(config, procs, on_step)
-        if procs.world_size > 1:
-            dist.barrier()  # leave together: gloo can abort a process whose peer is still writing
+        distributed.barrier(procs)  # leave together: gloo can abort a process whose peer is still writing
         return path
     finally:
-        if procs.world_size > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+        distributed.finish(procs)
 
 
-def _train(config: TrainConfig, procs: Processes, on_step) -> Path:
+def _train(config: TrainConfig, procs: World, on_step) -> Path:
     run, error = None, None
     try:
         run = prepare(config, procs)
@@ -355,7 +335,7 @@ def _train(config: TrainConfig, procs: Processes, on_step) -> Path:
     all_ranks_ok(procs, error)
     config, mc, total = run.config, run.model_config, run.total_steps
     out = Path(config.out)
-    if procs.main:
+    if procs.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "samples").mkdir(exist_ok=True)
         for stale in [*out.glob(".*.tmp"), *(out / "samples").glob(".*.tmp")]:  # left by a killed write
@@ -370,7 +350,7 @@ def _train(config: TrainConfig, procs: Processes, on_step) -> Path:
     torch.manual_seed(config.seed)
     model = UNet(mc)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
-    use_global_batch_dropout(model, procs.rank, procs.world_size)
+    use_global_batch_dropout(model, procs.rank, procs.size)
     model.to(device, memory_format=memory_format).train()
     ema.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
@@ -382,7 +362,7 @@ def _train(config: TrainConfig, procs: Processes, on_step) -> Path:
         run.saved = None  # free the host copy
 
     net: nn.Module = model
-    if procs.world_size > 1:
+    if procs.size > 1:
         net = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
     if config.compile:
@@ -393,7 +373,7 @@ def _train(config: TrainConfig, procs: Processes, on_step) -> Path:
     images = run.dataset.images.to(device)  # uint8; 1/4 of float32's memory
     labels = run.dataset.labels.to(device)
     n, gb = len(images), config.batch_size
-    b = gb // procs.world_size
+    b = gb // procs.size
     lo, hi = procs.rank * b, (procs.rank + 1) * b
     total_epochs = total * gb / n
     shape = (mc.in_channels, mc.image_size, mc.image_size)
@@ -414,9 +394,9 @@ def _train(config: TrainConfig, procs: Processes, on_step) -> Path:
                         lr=get_lr(step * gb / n, config, total_epochs), grad_clip=config.grad_clip,
                         ema_beta=ema_decay_at(step, config.ema_decay))
 
-    log = open_log(out / "log.csv", run.start_step) if procs.main else None
+    log = open_log(out / "log.csv", run.start_step) if procs.is_main else None
     bar = tqdm(total=total, initial=run.start_step, unit="step", dynamic_ncols=True,
-               disable=not (config.progress and procs.main))
+               disable=not (config.progress and procs.is_main))
     sums = torch.zeros(2, device=device)
     last_logged, last_time = run.start_step, time.perf_counter()
     try:
@@ -427,9 +407,9 @@ def _train(config: TrainConfig, procs: Processes, on_step) -> Path:
             bar.update(1)
             checkpoint = done % config.checkpoint_every == 0 or done == total
             if done % config.log_every == 0 or checkpoint:
-                if procs.world_size > 1:
+                if procs.size > 1:
                     dist.all_reduce(sums)
-                    sums /= procs.world_size
+                    sums /= procs.size
                 mean_loss, mean_norm = (sums / (done - last_logged)).tolist()
                 now = time.perf_counter()
                 rate = (done - last_logged) * gb / (now - last_time)
@@ -442,14 +422,14 @@ def _train(config: TrainConfig, procs: Processes, on_step) -> Path:
                 bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
                 sums.zero_()
                 last_logged, last_time = done, now
-            if procs.main and checkpoint:
+            if procs.is_main and checkpoint:
                 save_checkpoint(out / "model.safetensors", ema, diffusion, run.dataset.class_names)
                 save_state(out / STATE_FILE, done, dataclasses.asdict(config), mc.to_json(), model, ema, optimizer)
-            if procs.main and config.sample_every and (done % config.sample_every == 0 or done == total):
+            if procs.is_main and config.sample_every and (done % config.sample_every == 0 or done == total):
                 save_samples(out / "samples" / f"step-{done:07d}.png", ema, mc, diffusion, config, device)
             if on_step is not None:
                 on_step(done)
-        if total == run.start_step and procs.main and not (out / "model.safetensors").is_file():
+        if total == run.start_step and procs.is_main and not (out / "model.safetensors").is_file():
             save_checkpoint(out / "model.safetensors", ema, diffusion, run.dataset.class_names)
     finally:
         bar.close()
