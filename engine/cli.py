@@ -158,8 +158,8 @@ def open_checkpoint(path: Path | None, device: torch.device) -> Checkpoint:
     """A .safetensors checkpoint, or an exported .onnx (ONNX Runtime) or .plan (TensorRT) file."""
     if path is None:
         if not BUNDLED_CHECKPOINT.is_file():
-            raise UsageError("this install has no bundled model; pass --checkpoint PATH "
-                             "(train one with: ddpm-train --preset tiny --dataset synthetic --out runs/tiny)")
+            raise UsageError("this install has no bundled model yet; pass --checkpoint PATH "
+                             "(the README's quick start trains a small one in a few minutes)")
         path = BUNDLED_CHECKPOINT
     match path.suffix:
         case ".onnx":
@@ -194,9 +194,10 @@ def check_steps(steps: int | None, num_timesteps: int) -> None:
 def cmd_sample(args) -> None:
     """Under torchrun every rank samples its share of the indices and rank 0 writes the output."""
     check_writable(args.out)
-    world = distributed.init(resolve_device(args.device).type)
+    device = resolve_device(args.device)
+    world = distributed.init(device.type)
     try:
-        device = distributed.device_for(world, resolve_device(args.device))
+        device = distributed.device_for(world, device)
         ckpt = open_checkpoint(args.checkpoint, device)
         classes = parse_classes(args.classes, ckpt.class_names)
         check_steps(args.steps, ckpt.diffusion.num_timesteps)

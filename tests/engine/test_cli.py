@@ -125,3 +125,13 @@ def test_failure_mid_run_leaves_no_partial_output(checkpoint, tmp_path, monkeypa
 def test_console_script_help_has_examples():
     result = subprocess.run([sys.executable, "-m", "engine.cli", "sample", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "examples:" in result.stdout and "--guidance" in result.stdout
+
+
+def test_no_bundled_model_is_one_clear_line(tmp_path, capsys, monkeypatch):
+    import engine.cli
+
+    monkeypatch.setattr(engine.cli, "BUNDLED_CHECKPOINT", tmp_path / "absent.safetensors")
+    assert main(["sample", "--out", str(tmp_path / "out"), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "no bundled model" in err and "--checkpoint" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
