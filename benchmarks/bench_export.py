@@ -16,8 +16,8 @@ import time
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
+from engine.bench import flops_per_image
 from engine.checkpoint import Checkpoint
 from engine.config import CIFAR10_CLASSES, PRESETS, DiffusionConfig
 from engine.model import UNet
@@ -53,13 +53,6 @@ def models(tmp_path_factory):
     return get
 
 
-def gflop_per_forward(model: UNet, batch: int) -> float:
-    x, t, y = random_inputs(model.config, 1, 0, 1000)
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(x, t, y)
-    return counter.get_total_flops() * batch / 1e9
-
-
 @pytest.mark.parametrize("preset, batch", CASES)
 @pytest.mark.parametrize("backend", ["eager-fp32", "onnxruntime"])
 def test_forward(bench, models, backend, preset, batch):
@@ -77,5 +70,5 @@ def test_forward(bench, models, backend, preset, batch):
 
     extra = {"export_s": round(export_s, 1)} if backend == "onnxruntime" else {}
     bench(forward, what="unet", backend=backend, batch=batch, rounds=rounds(batch),
-          flops=gflop_per_forward(eager, batch) * 1e9, preset=preset, device="cpu",
+          flops=flops_per_image(eager.config) * batch, preset=preset, device="cpu",
           torch_threads=torch.get_num_threads(), **extra)

@@ -13,12 +13,15 @@ import copy
 import pytest
 import torch
 
-from engine.config import DiffusionConfig, ModelConfig
+from engine.bench import flops_per_image
+from engine.config import PRESETS, DiffusionConfig, ModelConfig
 from engine.diffusion import alpha_bar as make_alpha_bar
 from engine.model import UNet, count_parameters
 from training.train import optimize
 
 CUDA = torch.cuda.is_available()
+# A training step costs about three forwards: the forward, and a backward of twice its FLOPs.
+TRAIN_FLOPS_PER_FORWARD = 3
 
 
 def make_step(preset: str, batch: int, device: str, fast: bool):
@@ -48,7 +51,8 @@ def make_step(preset: str, batch: int, device: str, fast: bool):
 
 def test_train_step_tiny_cpu(bench):
     step, params = make_step("tiny", 8, "cpu", fast=False)
-    row = bench(step, what="train", backend="eager-fp32", batch=8, preset="tiny", params=params)
+    row = bench(step, what="train", backend="eager-fp32", batch=8, preset="tiny", params=params,
+                flops=TRAIN_FLOPS_PER_FORWARD * flops_per_image(PRESETS["tiny"]) * 8)
     print(f"tiny batch 8 on cpu (eager fp32): {8 / (row['ms_median'] * 1e-3):.1f} images/s")
 
 
@@ -60,7 +64,8 @@ RATES: dict[bool, float] = {}
 def test_train_step_cifar10_cuda(bench, fast):
     step, params = make_step("ddpm-cifar10", 128, "cuda", fast)
     row = bench(step, what="train", backend="bf16-channels_last-compile" if fast else "eager-fp32", batch=128,
-                preset="ddpm-cifar10", params=params, warmup=3, rounds=20)
+                preset="ddpm-cifar10", params=params, warmup=3, rounds=20,
+                flops=TRAIN_FLOPS_PER_FORWARD * flops_per_image(PRESETS["ddpm-cifar10"]) * 128)
     RATES[fast] = 128 / (row["ms_median"] * 1e-3)
     row["images_per_s"] = round(RATES[fast], 1)
     if len(RATES) == 2:
