@@ -30,7 +30,7 @@ from training.cli import main as train_main
 
 save_checkpoint(sys.argv[1] + "/m.safetensors", UNet(PRESETS["tiny"]), DiffusionConfig(num_timesteps=20),
                 [str(i) for i in range(10)])
-code = engine_main(["sample", "--checkpoint", sys.argv[1] + "/m.safetensors", "-n", "2", "--steps", "2",
+code = engine_main(["sample", "--device", "cpu", "--checkpoint", sys.argv[1] + "/m.safetensors", "-n", "2", "--steps", "2",
                     "--out", sys.argv[1] + "/out", "--no-progress"])
 assert code == 0, code
 assert export_main(["--checkpoint", sys.argv[1] + "/m.safetensors"]) == 1  # one clear line: onnx is missing

@@ -22,6 +22,6 @@ def test_quick_start_train_and_sample_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     train, sample = commands
     train[train.index("--steps") + 1] = "2"  # the real run is 800 steps; its flags are what is checked here
-    assert train_main(train[1:] + ["--sample-steps", "2", "--no-progress"]) == 0
-    assert engine_main(sample[1:] + ["--steps", "2", "-n", "4", "--no-progress"]) == 0
+    assert train_main(train[1:] + ["--sample-steps", "2", "--device", "cpu", "--no-progress"]) == 0
+    assert engine_main(sample[1:] + ["--steps", "2", "-n", "4", "--device", "cpu", "--no-progress"]) == 0
     assert (tmp_path / "samples" / "grid.png").is_file()

@@ -160,9 +160,10 @@ def use_global_batch_dropout(model: nn.Module, rank: int, world_size: int) -> No
 
 # ---- processes and devices -------------------------------------------------------------
 
-def start_processes() -> World:
-    """Join the torchrun process group when launched by torchrun (WORLD_SIZE > 1)."""
-    return distributed.init("cuda" if torch.cuda.is_available() else "cpu")
+def start_processes(device_name: str) -> World:
+    """Join the torchrun process group when launched by torchrun: NCCL to train on GPUs, gloo on CPUs."""
+    on_cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
+    return distributed.init("cuda" if on_cuda else "cpu")
 
 
 def pick_device(name: str, procs: World) -> torch.device:
@@ -316,7 +317,7 @@ def prepare(config: TrainConfig, procs: World) -> Run:
 
 def train(config: TrainConfig, on_step=None) -> Path:
     """Train; returns the path of model.safetensors. on_step(step) is called after each step."""
-    procs = start_processes()
+    procs = start_processes(config.device)
     try:
         path = _train(config, procs, on_step)
         distributed.barrier(procs)  # leave together: gloo can abort a process whose peer is still writing

@@ -25,7 +25,7 @@ def checkpoint(tmp_path_factory):
 
 
 def sample(checkpoint, out, *extra):
-    code = main(["sample", "--checkpoint", str(checkpoint), "--out", str(out), "--no-progress", "-n", "2",
+    code = main(["sample", "--device", "cpu", "--checkpoint", str(checkpoint), "--out", str(out), "--no-progress", "-n", "2",
                  "--sampler", "ddim", "--steps", "2", "--seed", "3", *extra])
     assert code == 0
     return np.load(out / "samples.npz")["x"].astype(int)
@@ -66,7 +66,7 @@ def test_exported_onnx_checkpoint_samples_like_eager(checkpoint, eager_images, t
 
 def test_refusals_are_one_line(checkpoint, tmp_path, capsys, monkeypatch):
     def run(*args, path=checkpoint):
-        return main(["sample", "--checkpoint", str(path), "--out", str(tmp_path / "o"), "--no-progress", *args])
+        return main(["sample", "--device", "cpu", "--checkpoint", str(path), "--out", str(tmp_path / "o"), "--no-progress", *args])
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert run("--backend", "engine") == 1

@@ -25,7 +25,7 @@ def checkpoint(tmp_path_factory):
 
 
 def sample(checkpoint, out, *extra):
-    return main(["sample", "--checkpoint", str(checkpoint), "--out", str(out), "--no-progress",
+    return main(["sample", "--device", "cpu", "--checkpoint", str(checkpoint), "--out", str(out), "--no-progress",
                  "--steps", "3", *map(str, extra)])
 
 
@@ -52,7 +52,7 @@ def test_same_seed_same_images_across_runs_and_batch_sizes(checkpoint, tmp_path)
 
 def test_interpolate_writes_a_grid(checkpoint, tmp_path):
     out = tmp_path / "interp"
-    assert main(["interpolate", "--checkpoint", str(checkpoint), "--out", str(out), "--no-progress",
+    assert main(["interpolate", "--device", "cpu", "--checkpoint", str(checkpoint), "--out", str(out), "--no-progress",
                  "--class", "ship", "--frames", "5", "--steps", "2"]) == 0
     assert Image.open(out / "interpolation.png").size == (2 * (5 * 34 + 2), 2 * (2 * 34 + 2))
 
@@ -71,7 +71,7 @@ def test_interpolate_writes_a_grid(checkpoint, tmp_path):
 def test_bad_input_is_one_line_and_nonzero(checkpoint, tmp_path, capsys, args, message):
     out = tmp_path / "out"
     try:
-        code = main(["sample", "--checkpoint", str(checkpoint), "--out", str(out), "--no-progress", *args])
+        code = main(["sample", "--device", "cpu", "--checkpoint", str(checkpoint), "--out", str(out), "--no-progress", *args])
     except SystemExit as e:  # rejected by the parser
         code = e.code
     assert code != 0
@@ -83,7 +83,7 @@ def test_bad_input_is_one_line_and_nonzero(checkpoint, tmp_path, capsys, args, m
 def test_unreadable_checkpoint_and_unwritable_out(checkpoint, tmp_path, capsys):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"garbage")
-    assert main(["sample", "--checkpoint", str(bad), "--out", str(tmp_path / "o")]) == 1
+    assert main(["sample", "--device", "cpu", "--checkpoint", str(bad), "--out", str(tmp_path / "o")]) == 1
     assert "not a safetensors file" in capsys.readouterr().err
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
@@ -93,11 +93,11 @@ def test_unreadable_checkpoint_and_unwritable_out(checkpoint, tmp_path, capsys):
         target, message = locked / "no" / "dir", "is not a folder"
     else:
         target, message = locked / "dir", "not writable"
-    assert main(["sample", "--checkpoint", str(checkpoint), "--out", str(target)]) == 1
+    assert main(["sample", "--device", "cpu", "--checkpoint", str(checkpoint), "--out", str(target)]) == 1
     assert message in capsys.readouterr().err
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    assert main(["sample", "--checkpoint", str(checkpoint), "--out", str(blocker)]) == 1
+    assert main(["sample", "--device", "cpu", "--checkpoint", str(checkpoint), "--out", str(blocker)]) == 1
     assert "not a folder" in capsys.readouterr().err
 
 
@@ -131,7 +131,7 @@ def test_no_bundled_model_is_one_clear_line(tmp_path, capsys, monkeypatch):
     import engine.cli
 
     monkeypatch.setattr(engine.cli, "BUNDLED_CHECKPOINT", tmp_path / "absent.safetensors")
-    assert main(["sample", "--out", str(tmp_path / "out"), "--no-progress"]) == 1
+    assert main(["sample", "--device", "cpu", "--out", str(tmp_path / "out"), "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert "no bundled model" in err and "--checkpoint" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()

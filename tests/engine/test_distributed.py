@@ -32,7 +32,7 @@ def test_two_processes_write_the_single_process_images(tmp_path):
     checkpoint = tmp_path / "small.safetensors"
     save_checkpoint(checkpoint, UNet(SMALL), DiffusionConfig(num_timesteps=20), CIFAR10_CLASSES)
     args = ["sample", "--checkpoint", str(checkpoint), "-n", "7", "--sampler", "ddpm", "--steps", "3",
-            "--batch-size", "2", "--seed", "11", "--backend", "eager", "--no-progress"]
+            "--batch-size", "2", "--seed", "11", "--backend", "eager", "--device", "cpu", "--no-progress"]
     assert main([*args, "--out", str(tmp_path / "single")]) == 0
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -26,7 +26,7 @@ STEPS = 6
 def make_config(out, **changes) -> TrainConfig:
     # dropout and label dropping on, so that every kind of randomness takes part.
     base = TrainConfig(preset="tiny", dataset="synthetic", out=str(out), steps=STEPS, batch_size=4, lr=1e-3,
-                       dropout=0.1, p_uncond=0.5, checkpoint_every=3, sample_every=0, log_every=1, progress=False)
+                       dropout=0.1, p_uncond=0.5, checkpoint_every=3, sample_every=0, log_every=1, progress=False, device="cpu")
     return dataclasses.replace(base, **changes)
 
 
@@ -155,7 +155,7 @@ def test_two_processes_match_one(straight, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "training.cli", "--preset", "tiny", "--dataset", "synthetic", "--out", str(out),
            "--steps", str(STEPS), "--batch-size", "4", "--lr", "1e-3", "--dropout", "0.1", "--p-uncond", "0.5",
-           "--checkpoint-every", "3", "--sample-every", "0", "--log-every", "1", "--no-progress"]
+           "--checkpoint-every", "3", "--sample-every", "0", "--log-every", "1", "--no-progress", "--device", "cpu"]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
@@ -173,17 +173,17 @@ def test_two_processes_match_one(straight, tmp_path):
 
 def test_cli_run_samples_and_engine_loads_it(tmp_path, capsys):
     out = tmp_path / "run"
-    assert train_main(["--preset", "tiny", "--dataset", "synthetic", "--steps", "2", "--batch-size", "2",
+    assert train_main(["--device", "cpu", "--preset", "tiny", "--dataset", "synthetic", "--steps", "2", "--batch-size", "2",
                        "--out", str(out), "--sample-every", "1", "--sample-steps", "2", "--no-progress"]) == 0
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["step-0000001.png", "step-0000002.png"]
-    assert engine_main(["sample", "--checkpoint", str(out / "model.safetensors"), "-n", "2", "--steps", "2",
+    assert engine_main(["sample", "--device", "cpu", "--checkpoint", str(out / "model.safetensors"), "-n", "2", "--steps", "2",
                         "--out", str(tmp_path / "samples"), "--no-progress"]) == 0
     assert (tmp_path / "samples" / "grid.png").is_file()
     # --resume keeps the run's settings: extending it works, changing them is refused.
-    assert train_main(["--out", str(out), "--resume", "--steps", "3", "--sample-every", "0", "--no-progress"]) == 0
+    assert train_main(["--device", "cpu", "--out", str(out), "--resume", "--steps", "3", "--sample-every", "0", "--no-progress"]) == 0
     assert load_state(out / "state.safetensors").step == 3
     capsys.readouterr()
-    assert train_main(["--out", str(out), "--resume", "--steps", "4", "--lr", "0.5", "--no-progress"]) == 1
+    assert train_main(["--device", "cpu", "--out", str(out), "--resume", "--steps", "4", "--lr", "0.5", "--no-progress"]) == 1
     assert "--lr 0.5 differs" in capsys.readouterr().err
 
 
@@ -200,7 +200,7 @@ def one_error_line(capsys) -> str:
 ])
 def test_bad_arguments(tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as e:
-        train_main([*argv, "--out", str(tmp_path / "run")])
+        train_main(["--device", "cpu", *argv, "--out", str(tmp_path / "run")])
     assert e.value.code == 2
     assert message in one_error_line(capsys)
 
@@ -218,19 +218,19 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     ]
     for argv, message in cases:
         out = [] if "--out" in argv else ["--out", str(tmp_path / "run")]
-        assert train_main([*argv, *out, "--steps", "1", "--no-progress"]) == 1
+        assert train_main(["--device", "cpu", *argv, *out, "--steps", "1", "--no-progress"]) == 1
         assert message in one_error_line(capsys)
     assert not (tmp_path / "run" / "state.safetensors").exists()
 
 
 def test_help_has_examples(capsys):
     with pytest.raises(SystemExit) as e:
-        train_main(["--help"])
+        train_main(["--device", "cpu", "--help"])
     assert e.value.code == 0
     text = capsys.readouterr().out
     assert "examples:" in text and "torchrun --nproc-per-node" in text and "--resume" in text
 
 
 def test_existing_run_needs_resume(straight, capsys):
-    assert train_main(["--preset", "tiny", "--dataset", "synthetic", "--out", str(straight), "--steps", "1"]) == 1
+    assert train_main(["--device", "cpu", "--preset", "tiny", "--dataset", "synthetic", "--out", str(straight), "--steps", "1"]) == 1
     assert "pass --resume" in one_error_line(capsys)
