@@ -51,7 +51,7 @@ def make_step(preset: str, batch: int, device: str, fast: bool):
 
 def test_train_step_tiny_cpu(bench):
     step, params = make_step("tiny", 8, "cpu", fast=False)
-    row = bench(step, what="train", backend="eager-fp32", batch=8, preset="tiny", params=params,
+    row = bench(step, what="train", backend="eager-fp32", batch=8, preset="tiny", params=params, device="cpu",
                 flops=TRAIN_FLOPS_PER_FORWARD * flops_per_image(PRESETS["tiny"]) * 8)
     print(f"tiny batch 8 on cpu (eager fp32): {8 / (row['ms_median'] * 1e-3):.1f} images/s")
 

@@ -106,7 +106,9 @@ def bench(benchmark, record):
     """
 
     def run(fn, *, what: str, backend: str, batch: int, warmup: int = WARMUP, rounds: int = ROUNDS, **row) -> dict:
-        result = record(what=what, backend=backend, batch=batch, timing=measure(fn, warmup, rounds), **row)
+        cuda_events = ON_GPU and row.get("device") != "cpu"  # rows of CPU work say device="cpu"
+        result = record(what=what, backend=backend, batch=batch, timing=measure(fn, warmup, rounds, cuda_events),
+                        **row)
         benchmark.extra_info.update({k: v for k, v in result.items() if k != "test"})
 
         def synchronised():

@@ -35,8 +35,11 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def measure(fn, warmup: int = WARMUP, rounds: int = ROUNDS) -> Timing:
-    """Time fn() `rounds` times after `warmup` calls; the first call is timed separately."""
+def measure(fn, warmup: int = WARMUP, rounds: int = ROUNDS, cuda_events: bool = ON_GPU) -> Timing:
+    """Time fn() `rounds` times after `warmup` calls; the first call is timed separately.
+
+    cuda_events=False for work that runs on the CPU (events would only time the idle GPU stream).
+    """
     start = time.perf_counter()
     fn()
     _sync()
@@ -44,7 +47,7 @@ def measure(fn, warmup: int = WARMUP, rounds: int = ROUNDS) -> Timing:
     for _ in range(max(warmup - 1, 0)):
         fn()
     times = []
-    if ON_GPU:
+    if cuda_events:
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(rounds)]
         _sync()
         for begin, end in events:
