@@ -70,6 +70,7 @@ class GraphedSampler:
     buckets: tuple[int, ...]
     graphs: bool = True
     _key: tuple | None = field(default=None, repr=False)
+    _keep: tuple = field(default=(), repr=False)  # the model and plan of _key, held so their ids stay theirs
     _state: dict[int, _Bucket] = field(default_factory=dict, repr=False)
     _pool: object = field(default=None, repr=False)
 
@@ -113,7 +114,9 @@ class GraphedSampler:
         key = (id(model), id(plan), tuple(shape), float(guidance), int(null_class), bool(clip_x0))
         if key != self._key:
             self._state.clear()
-            self._key = key
+            # The graphs read the plan's (and model's) device memory: hold both, or a freed plan's
+            # memory and id could be reused by a later plan that would then match the key.
+            self._key, self._keep = key, (model, plan)
         bucket = self._bucket(self.bucket_for(n), labels.device, shape)
         run = lambda: _advance(model, plan, bucket, shape, guidance, null_class, clip_x0)
         if self.graphs and bucket.graph is None:
