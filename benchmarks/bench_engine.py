@@ -42,6 +42,9 @@ def skip_reason(backend: str) -> str | None:
         return "engine needs CUDA (the Triton interpreter on the CPU is for tests, not timing)"
     if backend == "eager-bf16" and not ON_GPU:
         return "bf16 convolutions have no fast CPU path; measured on the GPU"
+    if backend == "onnx" and ON_GPU:
+        # ~12 s a call at U-Net batch 1024: these rows alone would take the stage's whole budget.
+        return "ONNX Runtime has only its CPU provider on the GPU machine; bench_export.py measures it on the CPU"
     return None
 
 
