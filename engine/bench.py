@@ -11,6 +11,7 @@ is reported apart.
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from dataclasses import dataclass
@@ -74,6 +75,7 @@ def measure(fn, device: torch.device, warmup: int, rounds: int) -> tuple[float, 
     return statistics.median(times), min(times), max(times), first_s
 
 
+@functools.lru_cache(maxsize=None)
 def flops_per_image(config: ModelConfig) -> float:
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         UNet(config).eval()(torch.zeros(1, config.in_channels, config.image_size, config.image_size),
