@@ -12,12 +12,8 @@ import torch
 pytest.importorskip("triton")
 
 from kernels import attention  # noqa: E402
+from tests.kernels.common import DEVICE, needs_gpu  # noqa: E402
 
-ON_GPU = torch.cuda.is_available()
-DEVICE = "cuda" if ON_GPU else "cpu"
-needs_gpu = pytest.mark.skipif(
-    not ON_GPU,
-    reason="real shapes need a GPU; CPU runs small shapes under TRITON_INTERPRET=1")
 
 # fp16/bf16 also round the softmax weights to the input dtype before the p @ v product.
 TOLERANCE = {

@@ -11,12 +11,8 @@ pytest.importorskip("triton")
 
 from kernels import group_norm  # noqa: E402
 from kernels.group_norm import default_split  # noqa: E402
+from tests.kernels.common import DEVICE, needs_gpu  # noqa: E402
 
-ON_GPU = torch.cuda.is_available()
-DEVICE = "cuda" if ON_GPU else "cpu"
-needs_gpu = pytest.mark.skipif(
-    not ON_GPU,
-    reason="real shapes need a GPU; CPU runs small shapes under TRITON_INTERPRET=1")
 
 # Output rounding dominates: about one unit in the last place of each dtype.
 TOLERANCE = {
