@@ -6,6 +6,7 @@ Image i of a run has label classes[i % len(classes)] and its own noise key deriv
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,7 +30,14 @@ class SampleSettings:
     clip_x0: bool = False
 
 
-def make_plan(settings: SampleSettings, diffusion) -> SamplerPlan:
+@functools.lru_cache(maxsize=8)
+def make_plan(settings: SampleSettings, diffusion, device: torch.device | str = "cpu") -> SamplerPlan:
+    """The plan on `device`; cached, so repeated runs with the same settings share one plan (and a
+    CUDA-graph runner, which is keyed on its plan, keeps its captured graphs)."""
+    return _make_plan(settings, diffusion).to(device)
+
+
+def _make_plan(settings: SampleSettings, diffusion) -> SamplerPlan:
     if settings.sampler == "ddpm":
         return ddpm_plan(diffusion, settings.steps, settings.variance, settings.spacing)
     if settings.sampler == "ddim":
@@ -54,7 +62,7 @@ def generate(model: nn.Module, config: ModelConfig, diffusion, settings: SampleS
     `loop` runs the reverse process for one batch, with sample_loop's signature (e.g. an
     engine.graphs.GraphedSampler).
     """
-    plan = make_plan(settings, diffusion).to(device)
+    plan = make_plan(settings, diffusion, torch.device(device))
     shape = (config.in_channels, config.image_size, config.image_size)
     batches = indices.split(batch_size)
     images, labels = [], []
