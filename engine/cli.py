@@ -142,18 +142,6 @@ def backend_list(text: str) -> list[str]:
     return names
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"unknown device {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda asked for, but CUDA is not available")
-    return device
-
-
 def open_checkpoint(path: Path | None, device: torch.device) -> Checkpoint:
     """A .safetensors checkpoint, or an exported .onnx (ONNX Runtime) or .plan (TensorRT) file."""
     if path is None:
@@ -194,7 +182,7 @@ def check_steps(steps: int | None, num_timesteps: int) -> None:
 def cmd_sample(args) -> None:
     """Under torchrun every rank samples its share of the indices and rank 0 writes the output."""
     check_writable(args.out)
-    device = resolve_device(args.device)
+    device = distributed.resolve_device(args.device)
     world = distributed.init(device.type)
     try:
         device = distributed.device_for(world, device)
@@ -226,7 +214,7 @@ def cmd_sample(args) -> None:
 
 def cmd_interpolate(args) -> None:
     check_writable(args.out)
-    device = resolve_device(args.device)
+    device = distributed.resolve_device(args.device)
     ckpt = open_checkpoint(args.checkpoint, device)
     (class_index,) = parse_classes(args.class_name, ckpt.class_names)
     check_steps(args.steps, ckpt.diffusion.num_timesteps)
@@ -242,7 +230,7 @@ def cmd_interpolate(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    device = resolve_device(args.device)
+    device = distributed.resolve_device(args.device)
     print(f"{args.preset} on {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'the CPU'}, "
           f"torch {torch.__version__}; step = guided U-Net call + update + noise; images/s over {args.steps} steps")
     print(format_header())

@@ -29,6 +29,19 @@ class World:
         return self.rank == 0
 
 
+def resolve_device(name: str) -> torch.device:
+    """--device: "auto" (CUDA when there is one), "cpu" or "cuda[:k]"; ValueError for anything unusable."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for, but CUDA is not available")
+    return device
+
+
 def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from engine.checkpoint import CheckpointError, load_checkpoint
+from engine.cli import Parser
 from export.onnx_export import DEFAULT_OPSET, OPSETS, ExportError, export_onnx
 from export.tensorrt import build_plan, require_tensorrt
 
@@ -19,13 +20,6 @@ EXAMPLES = """examples:
 Every export is checked with onnx.checker and compared with PyTorch on random inputs
 (relative error <= 1e-4 in fp32, <= 1e-2 in fp16); a file that fails is not written.
 """
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is ONE line on stderr (and exit status 2)."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def opset(text: str) -> int:

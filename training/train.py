@@ -160,28 +160,6 @@ def use_global_batch_dropout(model: nn.Module, rank: int, world_size: int) -> No
 
 # ---- processes and devices -------------------------------------------------------------
 
-def start_processes(device_name: str) -> World:
-    """Join the torchrun process group when launched by torchrun: NCCL to train on GPUs, gloo on CPUs."""
-    on_cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
-    return distributed.init("cuda" if on_cuda else "cpu")
-
-
-def pick_device(name: str, procs: World) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"unknown device {name!r}") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("--device cuda asked for, but CUDA is not available")
-        if device.index is None:
-            device = torch.device("cuda", procs.local_rank)
-        torch.cuda.set_device(device)
-    return device
-
-
 class OtherRankFailed(Exception):
     """This process is fine but another one failed (and reports why)."""
 
@@ -317,20 +295,21 @@ def prepare(config: TrainConfig, procs: World) -> Run:
 
 def train(config: TrainConfig, on_step=None) -> Path:
     """Train; returns the path of model.safetensors. on_step(step) is called after each step."""
-    procs = start_processes(config.device)
+    device = distributed.resolve_device(config.device)
+    procs = distributed.init(device.type)  # NCCL to train on GPUs, gloo on CPUs
     try:
-        path = _train(config, procs, on_step)
+        path = _train(config, procs, device, on_step)
         distributed.barrier(procs)  # leave together: gloo can abort a process whose peer is still writing
         return path
     finally:
         distributed.finish(procs)
 
 
-def _train(config: TrainConfig, procs: World, on_step) -> Path:
+def _train(config: TrainConfig, procs: World, device: torch.device, on_step) -> Path:
     run, error = None, None
     try:
         run = prepare(config, procs)
-        device = pick_device(config.device, procs)
+        device = distributed.device_for(procs, device)
     except Exception as e:
         error = e
     all_ranks_ok(procs, error)
