@@ -1,18 +1,15 @@
-"""Timing and ceilings shared by the benchmarks.
-
-On CUDA a call is timed with a pair of CUDA events after warm-up; on the CPU with
-perf_counter. The first call is timed on its own (it includes compilation, autotuning or
-graph capture) and reported apart from the steady state.
-"""
+"""Timing defaults and ceilings shared by the benchmarks; the timer is engine.bench.measure
+(the one `ddpm-engine bench` uses): CUDA events on the GPU after warm-up, perf_counter on
+the CPU, the first call (compilation, autotuning, graph capture) reported apart."""
 
 from __future__ import annotations
 
 import os
-import statistics
-import time
-from dataclasses import dataclass
 
 import torch
+
+from engine.bench import Timing
+from engine.bench import measure as engine_measure
 
 ON_GPU = torch.cuda.is_available()
 # CPU runs in a quick mode (few rounds, small sizes) unless DDPM_BENCH_FULL=1.
@@ -21,47 +18,9 @@ WARMUP, ROUNDS = (10, 30) if ON_GPU else (1, 3)
 heavy = dict(condition=not FULL, reason="heavy size: runs on the GPU (or with DDPM_BENCH_FULL=1); CPU CI runs the quick mode")
 
 
-@dataclass
-class Timing:
-    median_ms: float
-    min_ms: float
-    max_ms: float
-    first_call_s: float
-    rounds: int
-
-
-def _sync() -> None:
-    if ON_GPU:
-        torch.cuda.synchronize()
-
-
 def measure(fn, warmup: int = WARMUP, rounds: int = ROUNDS, cuda_events: bool = ON_GPU) -> Timing:
-    """Time fn() `rounds` times after `warmup` calls; the first call is timed separately.
-
-    cuda_events=False for work that runs on the CPU (events would only time the idle GPU stream).
-    """
-    start = time.perf_counter()
-    fn()
-    _sync()
-    first_call_s = time.perf_counter() - start
-    for _ in range(max(warmup - 1, 0)):
-        fn()
-    times = []
-    if cuda_events:
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(rounds)]
-        _sync()
-        for begin, end in events:
-            begin.record()
-            fn()
-            end.record()
-        _sync()
-        times = [begin.elapsed_time(end) for begin, end in events]
-    else:
-        for _ in range(rounds):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-    return Timing(statistics.median(times), min(times), max(times), first_call_s, rounds)
+    """engine.bench.measure with this suite's defaults: CUDA events on the GPU, quick rounds on the CPU."""
+    return engine_measure(fn, warmup, rounds, cuda_events)
 
 
 def measure_ceilings() -> dict[str, float]:

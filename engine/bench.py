@@ -50,29 +50,45 @@ class Row:
     tflop_per_s: float
 
 
-def measure(fn, device: torch.device, warmup: int, rounds: int) -> tuple[float, float, float, float]:
-    """(median, min, max) ms of fn() after warm-up, and the first call's seconds."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+@dataclass
+class Timing:
+    median_ms: float
+    min_ms: float
+    max_ms: float
+    first_call_s: float
+    rounds: int
+
+
+def measure(fn, warmup: int, rounds: int, cuda_events: bool) -> Timing:
+    """Time fn() `rounds` times after `warmup` calls (the first of which is timed on its own: it
+    includes compilation, autotuning or graph capture).
+
+    cuda_events: time GPU work with a pair of CUDA events a call; False for work on the CPU
+    (events would only time the idle GPU stream), timed with perf_counter.
+    """
+    sync = torch.cuda.synchronize if cuda_events else (lambda: None)
     start = time.perf_counter()
     fn()
     sync()
-    first_s = time.perf_counter() - start
-    for _ in range(warmup):
+    first_call_s = time.perf_counter() - start
+    for _ in range(max(warmup - 1, 0)):
         fn()
-    times = []
-    for _ in range(rounds):
-        if device.type == "cuda":
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    if cuda_events:
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(rounds)]
+        sync()
+        for begin, end in events:
             begin.record()
             fn()
             end.record()
-            end.synchronize()
-            times.append(begin.elapsed_time(end))
-        else:
+        sync()
+        times = [begin.elapsed_time(end) for begin, end in events]
+    else:
+        times = []
+        for _ in range(rounds):
             start = time.perf_counter()
             fn()
             times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times), min(times), max(times), first_s
+    return Timing(statistics.median(times), min(times), max(times), first_call_s, rounds)
 
 
 @functools.lru_cache(maxsize=None)
@@ -136,11 +152,11 @@ def bench(preset: str, batch_sizes: list[int], backends: list[str], device: torc
                     skipped.append(f"{name} batch {batch}: ~{estimate_s:.0f} s on this CPU (estimated from eager fp32 "
                                    f"at batch {batch_sizes[0]}), over --cpu-budget-s {cpu_budget_s:g}")
                     continue
-            median, low, high, first = measure(step_fn(backend, plan, batch // 2, config, device), device, warmup, rounds)
+            t = measure(step_fn(backend, plan, batch // 2, config, device), warmup, rounds, cuda_events=on_gpu)
             if ms_per_image is None:
-                ms_per_image = median / batch
-            row = Row(backend.name, batch, median, low, high, first, (batch // 2) / (median * 1e-3 * steps),
-                      flops * batch / (median * 1e-3) / 1e12)
+                ms_per_image = t.median_ms / batch
+            row = Row(backend.name, batch, t.median_ms, t.min_ms, t.max_ms, t.first_call_s,
+                      (batch // 2) / (t.median_ms * 1e-3 * steps), flops * batch / (t.median_ms * 1e-3) / 1e12)
             rows.append(row)
             log(format_row(row))
     return rows, skipped
