@@ -81,17 +81,25 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     return metadata
 
 
-def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> Checkpoint:
-    """Rebuild the model from the file alone; weights come back in float32, in eval mode."""
-    metadata = read_metadata(path)
+def configs_from_metadata(metadata: dict[str, str], path: str | os.PathLike
+                          ) -> tuple[ModelConfig, DiffusionConfig, tuple[str, ...]]:
+    """The model config, diffusion config and class names of a ddpm-engine file's metadata
+    (a .safetensors checkpoint, an exported .onnx or a .plan), validated."""
     try:
         config = ModelConfig.from_json(metadata["model_config"])
         diffusion = DiffusionConfig.from_json(metadata["diffusion_config"])
         class_names = tuple(json.loads(metadata["class_names"]))
+        config.validate()
         diffusion.validate()
-        model = UNet(config)
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path} has invalid metadata: {e}") from None
+    return config, diffusion, class_names
+
+
+def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> Checkpoint:
+    """Rebuild the model from the file alone; weights come back in float32, in eval mode."""
+    config, diffusion, class_names = configs_from_metadata(read_metadata(path), path)
+    model = UNet(config)
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as e:

@@ -9,14 +9,13 @@ provider runs it and the tensors are copied through host memory.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from engine.checkpoint import FORMAT, Checkpoint, CheckpointError
+from engine.checkpoint import FORMAT, Checkpoint, CheckpointError, configs_from_metadata
 from engine.config import DiffusionConfig, ModelConfig
 
 INPUT_NAMES = ("x", "t", "class")
@@ -25,18 +24,10 @@ OUTPUT_NAME = "eps"
 
 def parse_metadata(metadata: dict[str, str], path: str | os.PathLike,
                    kind: str) -> tuple[ModelConfig, DiffusionConfig, tuple[str, ...]]:
-    """The configs and class names from a ddpm-engine metadata dict (safetensors, ONNX or plan)."""
+    """The configs and class names of an exported file (`kind`: "an ONNX model", "a TensorRT plan")."""
     if metadata.get("format") != FORMAT:
         raise CheckpointError(f"{path} is {kind} but not a ddpm-engine export (no '{FORMAT}' metadata)")
-    try:
-        config = ModelConfig.from_json(metadata["model_config"])
-        diffusion = DiffusionConfig.from_json(metadata["diffusion_config"])
-        class_names = tuple(json.loads(metadata["class_names"]))
-        config.validate()
-        diffusion.validate()
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{path} has invalid metadata: {e!r}") from None
-    return config, diffusion, class_names
+    return configs_from_metadata(metadata, path)
 
 
 def _onnxruntime():
