@@ -1,18 +1,25 @@
-"""`ddpm-engine`: sample images or interpolations from a checkpoint, or benchmark the backends."""
+"""`ddpm-engine`: sample images or interpolations from a checkpoint, benchmark the backends, or score
+samples with FID and IS."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import zipfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from engine import distributed
 from engine.backends import BACKENDS, PRECISIONS, build_backend
 from engine.bench import BENCH_BACKENDS, bench, format_header
-from engine.checkpoint import Checkpoint, CheckpointError, load_checkpoint
+from engine.checkpoint import Checkpoint, CheckpointError, atomic_write, load_checkpoint
 from engine.config import PRESETS
+from engine.datasets import SPLITS, DataError, ImageSource, open_images
+from engine.fid import (BACKENDS as FID_BACKENDS, NO_CLASSIFIER, PREPROCESSING, FidError, InceptionNetwork, Stats,
+                        frechet_distance, image_stats, load_network, load_stats, save_stats)
 from engine.generate import SampleSettings, generate, interpolate
 from engine.images import check_writable, grid, save_png, staged_output, write_samples
 from engine.noise import MASK32
@@ -28,6 +35,9 @@ EXAMPLES = """examples:
   ddpm-engine sample -n 1000 --backend engine --device cuda    # fused U-Net + CUDA graphs, bf16
   torchrun --nproc-per-node 8 -m engine.cli sample -n 100000  # one share of the images per GPU
   ddpm-engine bench --preset ddpm-cifar10 --batch-sizes 2,256,1024
+  ddpm-engine fid-ref ../shared/data/cifar10-jpeg.tar.gz --split test --out runs/fid/cifar10-jpeg-test.npz
+  ddpm-engine fid samples/samples.npz --ref runs/fid/cifar10-jpeg-test.npz   # -> samples/fid.json
+  ddpm-engine fid samples/ --ref cifar-10-python.tar.gz --split train --inception inception-2015-12-05.pt
 """
 
 
@@ -123,6 +133,35 @@ def build_parser() -> Parser:
     bench_cmd.add_argument("--cpu-budget-s", type=non_negative_float, default=20.0,
                            help="on the CPU, skip cases estimated to take longer (default: 20)")
     bench_cmd.add_argument("--device", default="auto", help="auto, cpu or cuda[:k] (default: auto)")
+
+    def evaluation(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--split", choices=SPLITS, default=None,
+                       help="for a data set with train and test images (default: test)")
+        p.add_argument("--inception", type=Path, default=None,
+                       help="the Inception TorchScript file (default: $DDPM_INCEPTION, else the one the "
+                            "`eval` extra installs); NVIDIA's inception-2015-12-05.pt also gives IS")
+        p.add_argument("--batch-size", type=int_range(1), default=8, help="images per network call (default: 8)")
+        p.add_argument("--backend", choices=FID_BACKENDS, default="auto",
+                       help="auto = ONNX Runtime on the CPU when installed, else TorchScript (default: auto)")
+        p.add_argument("--device", default="cpu", help="cpu, auto or cuda[:k] (default: cpu)")
+        p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    fid_cmd = commands.add_parser("fid", help="FID (and IS) of samples against a reference, into fid.json",
+                                  epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    fid_cmd.add_argument("samples", type=Path,
+                         help="a samples.npz, a folder holding one (as `ddpm-engine sample` writes), or a folder of images")
+    fid_cmd.add_argument("--ref", type=Path, required=True,
+                         help="statistics from `ddpm-engine fid-ref`, or any data set fid-ref reads")
+    evaluation(fid_cmd)
+
+    ref_cmd = commands.add_parser("fid-ref", help="reference statistics (mu, sigma) of a data set, for fid",
+                                  epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ref_cmd.add_argument("data", type=Path,
+                         help="a samples.npz, a folder or .tar(.gz) of images, cifar-10-python.tar.gz or cifar-10-batches-py/")
+    ref_cmd.add_argument("--out", type=Path, required=True, help="the statistics file to write (.npz)")
+    ref_cmd.add_argument("--limit", type=int_range(2), default=None,
+                         help="use only N images, evenly spaced over the split (keeps a class-sorted set balanced)")
+    evaluation(ref_cmd)
     return parser
 
 
@@ -240,11 +279,97 @@ def cmd_bench(args) -> None:
         print(f"skipped {line}")
 
 
+def open_network(args) -> InceptionNetwork:
+    return load_network(args.inception, args.backend, distributed.resolve_device(args.device))
+
+
+def check_stats_out(out: Path) -> None:
+    if out.is_dir():
+        raise OSError(f"--out {out} is a folder; name the statistics file, e.g. {out / 'stats.npz'}")
+    check_writable(out.parent)
+
+
+def holds_images(path: Path) -> bool:
+    """A .npz of images (key x) rather than of statistics; unreadable files count as statistics,
+    so that load_stats reports them."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return "x" in data.files and "mu" not in data.files
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile):
+        return False
+
+
+def samples_source(path: Path) -> ImageSource:
+    """SAMPLES: a samples.npz, a folder holding one (`ddpm-engine sample --out`), or a folder of images."""
+    if path.is_dir() and (path / "samples.npz").is_file():
+        path = path / "samples.npz"
+    return open_images(path)
+
+
+def inception_score_text(stats: Stats, network: InceptionNetwork) -> tuple[str, str | None]:
+    """("IS m ± s" or "IS n/a: why", why)."""
+    if stats.inception_score is not None:
+        return f"IS {stats.inception_score[0]:.2f} ± {stats.inception_score[1]:.2f}", None
+    why = NO_CLASSIFIER if network.classifier is None else "fewer samples than its 10 splits"
+    return f"IS n/a: {why}", why
+
+
+def cmd_fid(args) -> None:
+    """Writes fid.json beside a samples.npz, or inside a folder of images."""
+    samples = samples_source(args.samples)
+    out = (samples.path.parent if samples.path.is_file() else samples.path) / "fid.json"
+    check_writable(out.parent)
+    # --ref: a statistics .npz, or a data set whose statistics are computed now; either is
+    # opened before the network loads, so that a bad one fails at once.
+    ref_images, reference = None, None
+    if args.ref.suffix == ".npz" and not holds_images(args.ref):
+        if args.split is not None:
+            raise UsageError(f"--split picks images of a data set; {args.ref} is a statistics file")
+        reference = load_stats(args.ref)
+    else:
+        ref_images = open_images(args.ref, args.split)
+    network = open_network(args)
+    if ref_images is not None:
+        reference = image_stats(network, ref_images, args.batch_size, progress=not args.no_progress)
+    if reference.network and reference.network != network.sha256:
+        print(f"note: the reference statistics were made with another network file (sha256 {reference.network[:12]}..., "
+              f"this run {network.sha256[:12]}...)", file=sys.stderr)
+    stats = image_stats(network, samples, args.batch_size, progress=not args.no_progress)
+    fid = frechet_distance(stats, reference)
+    score_text, why = inception_score_text(stats, network)
+    result = {
+        "fid": fid,
+        "is_mean": stats.inception_score[0] if stats.inception_score else None,
+        "is_std": stats.inception_score[1] if stats.inception_score else None,
+        "is_note": why,
+        "samples": {"path": str(samples.path), "count": stats.count, "source": stats.source},
+        "reference": {"path": str(args.ref), "count": reference.count, "source": reference.source,
+                      "network_sha256": reference.network or None},
+        "network": {"path": str(network.path), "sha256": network.sha256, "backend": network.backend},
+        "preprocessing": PREPROCESSING,
+    }
+    atomic_write(out, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1) + "\n"))
+    ref_count = f"{reference.count} reference" if reference.count is not None else "reference"
+    print(f"FID {fid:.2f} ({score_text}) — {stats.count} samples vs {ref_count} ({reference.source}); wrote {out}")
+
+
+def cmd_fid_ref(args) -> None:
+    check_stats_out(args.out)
+    images = open_images(args.data, args.split, args.limit)
+    network = open_network(args)
+    stats = image_stats(network, images, args.batch_size, progress=not args.no_progress)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    save_stats(args.out, stats)
+    score = f", IS {stats.inception_score[0]:.2f} ± {stats.inception_score[1]:.2f}" if stats.inception_score else ""
+    print(f"wrote {args.out}: statistics of {stats.count} images ({stats.source}{score}; {network.backend})")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        {"sample": cmd_sample, "interpolate": cmd_interpolate, "bench": cmd_bench}[args.command](args)
-    except (UsageError, CheckpointError, OSError, ValueError) as e:
+        {"sample": cmd_sample, "interpolate": cmd_interpolate, "bench": cmd_bench, "fid": cmd_fid,
+         "fid-ref": cmd_fid_ref}[args.command](args)
+    except (UsageError, CheckpointError, DataError, FidError, OSError, ValueError) as e:
         print(f"ddpm-engine {args.command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
