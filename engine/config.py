@@ -26,6 +26,7 @@ class ModelConfig:
     dropout: float = 0.1
     num_classes: int = 10  # the null class (unconditional model) is index num_classes
     num_groups: int = 32
+    patch_size: int = 1  # > 1: a pixel-unshuffle stem, so the top level runs at image_size / patch_size
 
     @property
     def null_class(self) -> int:
@@ -35,10 +36,17 @@ class ModelConfig:
     def time_embed_dim(self) -> int:
         return 4 * self.ch
 
+    @property
+    def top_resolution(self) -> int:
+        """The side of the U-Net's top-level feature maps (what attn_resolutions refer to)."""
+        return self.image_size // self.patch_size
+
     def validate(self) -> None:
         downsamples = len(self.ch_mult) - 1
-        if self.image_size % (2**downsamples):
-            raise ValueError(f"image_size {self.image_size} is not divisible by 2^{downsamples}")
+        if self.patch_size < 1:
+            raise ValueError("patch_size must be at least 1")
+        if self.image_size % (self.patch_size * 2**downsamples):
+            raise ValueError(f"image_size {self.image_size} is not divisible by patch_size x 2^{downsamples}")
         for mult in (1, *self.ch_mult):
             if (self.ch * mult) % self.num_groups or self.ch * mult < 2 * self.num_groups:
                 # One channel a group would normalise away the per-channel embedding added before it.

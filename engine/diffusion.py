@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from engine.config import DiffusionConfig
 
@@ -44,7 +43,17 @@ def q_sample(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, alpha_bar: 
 
 
 def eps_loss(model, x0: torch.Tensor, y: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
-             alpha_bar: torch.Tensor) -> torch.Tensor:
-    """The simplified objective L_simple = E ||eps - eps_theta(x_t, t)||^2 (Eq. 14)."""
+             alpha_bar: torch.Tensor, min_snr_gamma: float | None = None) -> torch.Tensor:
+    """The simplified objective L_simple = E ||eps - eps_theta(x_t, t)||^2 (Eq. 14).
+
+    With min_snr_gamma, each sample's squared error is weighted by min(SNR_t, gamma) / SNR_t,
+    SNR_t = alpha-bar_t / (1 - alpha-bar_t): Min-SNR-gamma for epsilon prediction (Hang et al.
+    2023, Eq. 10), which stops the low-noise steps from dominating the gradient.
+    """
     x_t = q_sample(x0, t, noise, alpha_bar)
-    return F.mse_loss(model(x_t, t, y).float(), noise.float())
+    error = (model(x_t, t, y).float() - noise.float()).square()
+    if min_snr_gamma is None:
+        return error.mean()
+    snr = (alpha_bar / (1 - alpha_bar)).to(x0.device, torch.float32)[t]
+    weight = snr.clamp(max=min_snr_gamma) / snr
+    return (weight * error.flatten(1).mean(1)).mean()

@@ -98,6 +98,15 @@ def gather(array: np.ndarray, n: int, world: World, device: torch.device) -> np.
     return np.concatenate([p[:c].cpu().numpy() for p, c in zip(parts, counts)])
 
 
+def broadcast_flag(world: World, flag: bool) -> bool:
+    """Rank 0's flag, on every rank (e.g. rank 0's clock deciding when all stop)."""
+    if world.size == 1:
+        return flag
+    value = torch.tensor([int(flag)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.broadcast(value, src=0)
+    return bool(value.item())
+
+
 def barrier(world: World) -> None:
     if world.size > 1:
         dist.barrier()

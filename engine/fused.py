@@ -139,7 +139,7 @@ class FusedUNet(nn.Module):
         emb_outs = iter(self.block_embeddings(self.embed(t, y)))
         # conv_in runs in float32: bf16 would quantize the input image to ~1 intensity level
         # (spacing 2^-7 near 1), and with 27 inputs per output nothing averages that out.
-        h = self.conv_in(x.float()).to(dtype=self.dtype, memory_format=self.memory_format)  # float32 -> dtype
+        h = self.conv_in(F.pixel_unshuffle(x.float(), self.config.patch_size)).to(dtype=self.dtype, memory_format=self.memory_format)  # float32 -> dtype
         skips = [h]
         for block in self.down:
             h = _run_block(block, h, emb_outs)
@@ -149,7 +149,8 @@ class FusedUNet(nn.Module):
             if isinstance(block[0], FusedResBlock):
                 h = torch.cat([h, skips.pop()], dim=1)
             h = _run_block(block, h, emb_outs)
-        return self.conv_out(self.norm_out(h)).float()  # dtype -> float32
+        out = self.conv_out(self.norm_out(h)).float()  # dtype -> float32
+        return F.pixel_shuffle(out, self.config.patch_size)
 
 
 def _run_block(block: nn.ModuleList, h: torch.Tensor, emb_outs) -> torch.Tensor:

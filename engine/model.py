@@ -97,12 +97,14 @@ class UNet(nn.Module):
 
         self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.class_embed = nn.Embedding(config.num_classes + 1, emb_dim)
-        self.conv_in = nn.Conv2d(config.in_channels, ch, 3, padding=1)
+        # With patch_size p the image enters as p x p pixel blocks stacked on channels.
+        pixels = config.in_channels * config.patch_size**2
+        self.conv_in = nn.Conv2d(pixels, ch, 3, padding=1)
 
         # Downsampling path; skip_channels records what each skip connection carries.
         self.down = nn.ModuleList()
         skip_channels = [ch]
-        cur_ch, resolution = ch, config.image_size
+        cur_ch, resolution = ch, config.top_resolution
         for level, mult in enumerate(config.ch_mult):
             for _ in range(config.num_res_blocks):
                 block = nn.ModuleList([ResBlock(cur_ch, ch * mult, emb_dim, dropout, groups)])
@@ -136,7 +138,7 @@ class UNet(nn.Module):
                 resolution *= 2
 
         self.norm_out = GroupNorm32(groups, cur_ch)
-        self.conv_out = nn.Conv2d(cur_ch, config.in_channels, 3, padding=1)
+        self.conv_out = nn.Conv2d(cur_ch, pixels, 3, padding=1)
 
     def embed(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The conditioning vector: time-embedding MLP plus the learned class embedding."""
@@ -145,7 +147,7 @@ class UNet(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Predict the noise epsilon in x_t (Ho et al. 2020, Eq. 11)."""
         emb = self.embed(t, y).to(x.dtype)
-        h = self.conv_in(x)
+        h = self.conv_in(F.pixel_unshuffle(x, self.config.patch_size))
         skips = [h]
         for block in self.down:
             h = _run_block(block, h, emb)
@@ -155,7 +157,7 @@ class UNet(nn.Module):
             if isinstance(block[0], ResBlock):
                 h = torch.cat([h, skips.pop()], dim=1)
             h = _run_block(block, h, emb)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return F.pixel_shuffle(self.conv_out(F.silu(self.norm_out(h))), self.config.patch_size)
 
 
 def _run_block(block: nn.ModuleList, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:

@@ -109,6 +109,12 @@ def build_parser() -> Parser:
                         help=f"probability of training a sample on the null class (default: {d['p_uncond']})")
     recipe.add_argument("--ema-decay", type=below_one, default=None, help=f"default: {d['ema_decay']}")
     recipe.add_argument("--dropout", type=below_one, default=None, help="default: the preset's")
+    recipe.add_argument("--min-snr-gamma", type=positive_float, default=None,
+                        help="weight each sample's loss by min(SNR_t, gamma) / SNR_t (Min-SNR-gamma, Hang et al. "
+                             "2023; 5 is theirs) instead of the report's plain L_simple (default: off)")
+    recipe.add_argument("--init-from", type=Path, default=None,
+                        help="start a new run from this checkpoint's weights (model and EMA; fresh optimizer), "
+                             "e.g. to continue a model on a new machine or to fine-tune")
 
     output = parser.add_argument_group("output and speed")
     output.add_argument("--checkpoint-every", type=int_range(1), default=None,
@@ -120,6 +126,9 @@ def build_parser() -> Parser:
                         help=f"DDIM steps of the sample grids (default: {d['sample_steps']})")
     output.add_argument("--log-every", type=int_range(1), default=None,
                         help=f"steps between log.csv rows (default: {d['log_every']})")
+    output.add_argument("--time-limit", type=positive_float, default=None,
+                        help="minutes of wall time after which the run checkpoints and stops (continue it "
+                             "with --resume); the schedule still spans --steps/--epochs")
     output.add_argument("--device", default=None, help="auto, cpu or cuda[:k] (default: auto)")
     output.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None,
                         help="bf16 autocast (+ channels_last on CUDA) or fp32 (default: auto = bf16 on CUDA)")
@@ -133,8 +142,9 @@ def make_config(args: argparse.Namespace) -> TrainConfig:
     given = {name: getattr(args, name) for name in DEFAULTS if getattr(args, name, None) is not None}
     given["compile"], given["progress"], given["resume"] = args.compile, not args.no_progress, args.resume
     given["out"] = str(args.out)
-    if args.data_dir is not None:
-        given["data_dir"] = str(args.data_dir)
+    for name in ("data_dir", "init_from"):
+        if getattr(args, name) is not None:
+            given[name] = str(getattr(args, name))
     saved = saved_config(args.out) if args.resume else None
     if saved is None:
         if args.preset is None or args.dataset is None:

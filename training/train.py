@@ -29,7 +29,7 @@ from torch import nn
 from tqdm import tqdm
 
 from engine import distributed
-from engine.checkpoint import atomic_write, save_checkpoint
+from engine.checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from engine.config import DiffusionConfig, ModelConfig
 from engine.diffusion import alpha_bar as make_alpha_bar
 from engine.diffusion import eps_loss
@@ -63,12 +63,15 @@ class TrainConfig:
     grad_clip: float = 1.0
     p_uncond: float = 0.1               # probability of replacing a label by the null class
     ema_decay: float = 0.9999
+    min_snr_gamma: float | None = None  # None: plain L_simple; else Min-SNR-gamma loss weights
     dropout: float | None = None        # None: the preset's
+    init_from: str | None = None        # a checkpoint whose weights start the model and its EMA
     seed: int = 0
     checkpoint_every: int = 1000
     sample_every: int = 5000            # 0: no sample grids
     sample_steps: int = 50              # DDIM steps of the sample grids
     log_every: int = 10
+    time_limit: float | None = None     # minutes: stop (with a checkpoint) once this much wall time has passed
     device: str = "auto"
     precision: str = "auto"            # "auto" (bf16 on CUDA, fp32 on CPU), "fp32" or "bf16"
     compile: bool = False
@@ -78,7 +81,7 @@ class TrainConfig:
 
 # The fields that define a run: a resumed run must keep them.
 HYPERPARAMETERS = ("preset", "dataset", "batch_size", "lr", "warmup_multiplier", "warmup_epochs", "lr_schedule",
-                   "weight_decay", "grad_clip", "p_uncond", "ema_decay", "dropout", "seed")
+                   "weight_decay", "grad_clip", "p_uncond", "ema_decay", "min_snr_gamma", "dropout", "seed")
 
 
 # ---- the recipe's arithmetic -----------------------------------------------------------
@@ -193,6 +196,7 @@ class Run:
     total_steps: int
     start_step: int
     saved: object | None  # a TrainingState when resuming
+    init_weights: dict | None = None  # --init-from's weights, for a new run
 
 
 def resolve(config: TrainConfig, dataset_size: int, preset: ModelConfig) -> tuple[TrainConfig, int]:
@@ -227,10 +231,14 @@ def check_config(config: TrainConfig, procs: World) -> None:
         problems.append("--p-uncond must be in [0, 1]")
     if not 0 <= config.ema_decay < 1:
         problems.append("--ema-decay must be in [0, 1)")
+    if config.min_snr_gamma is not None and not config.min_snr_gamma > 0:
+        problems.append("--min-snr-gamma must be > 0")
     if config.dropout is not None and not 0 <= config.dropout < 1:
         problems.append("--dropout must be in [0, 1)")
     if config.lr <= 0 or config.warmup_multiplier < 1 or (config.warmup_epochs or 0) < 0:
         problems.append("need --lr > 0, --warmup-multiplier >= 1 and --warmup-epochs >= 0")
+    if config.time_limit is not None and not config.time_limit > 0:
+        problems.append("--time-limit must be > 0")
     for name in ("checkpoint_every", "log_every", "sample_steps"):
         if getattr(config, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be >= 1")
@@ -290,7 +298,21 @@ def prepare(config: TrainConfig, procs: World) -> Run:
         if saved.step > total:
             raise StateError(f"{state_path} is at step {saved.step}, past --steps {total}")
     start = saved.step if saved is not None else 0
-    return Run(config, model_config, dataset, total, start, saved)
+    init_weights = None
+    if saved is None and config.init_from is not None:
+        init_weights = load_init_weights(Path(config.init_from), model_config)
+    return Run(config, model_config, dataset, total, start, saved, init_weights)
+
+
+def load_init_weights(path: Path, model_config: ModelConfig) -> dict:
+    """The weights of checkpoint `path` (its EMA weights, for a model.safetensors), as float32,
+    refused unless its model is the run's (preset, classes, patch size)."""
+    checkpoint = load_checkpoint(path)
+    ignore = {"dropout": model_config.dropout}  # dropout changes no weight
+    if dataclasses.replace(checkpoint.model.config, **ignore) != model_config:
+        raise ValueError(f"--init-from {path}: its model ({checkpoint.model.config.to_json()}) is not this run's "
+                         f"({model_config.to_json()})")
+    return {k: v.float() for k, v in checkpoint.model.state_dict().items()}
 
 
 def train(config: TrainConfig, on_step=None) -> Path:
@@ -340,6 +362,10 @@ def _train(config: TrainConfig, procs: World, device: torch.device, on_step) -> 
         ema.load_state_dict(run.saved.ema)
         optimizer.load_state_dict(run.saved.optimizer)
         run.saved = None  # free the host copy
+    elif config.init_from is not None:
+        for net_ in (model, ema):
+            net_.load_state_dict(run.init_weights)
+        run.init_weights = None
 
     net: nn.Module = model
     if procs.size > 1:
@@ -372,20 +398,24 @@ def _train(config: TrainConfig, procs: World, device: torch.device, on_step) -> 
         y = torch.where(drop_label, mc.null_class, labels[idx])
         return optimize(net, model, ema, optimizer, x0, y, t, noise, alpha_bar, bf16,
                         lr=get_lr(step * gb / n, config, total_epochs), grad_clip=config.grad_clip,
-                        ema_beta=ema_decay_at(step, config.ema_decay))
+                        ema_beta=ema_decay_at(step, config.ema_decay), min_snr_gamma=config.min_snr_gamma)
 
     log = open_log(out / "log.csv", run.start_step) if procs.is_main else None
     bar = tqdm(total=total, initial=run.start_step, unit="step", dynamic_ncols=True,
                disable=not (config.progress and procs.is_main))
     sums = torch.zeros(2, device=device)
     last_logged, last_time = run.start_step, time.perf_counter()
+    deadline = last_time + 60 * config.time_limit if config.time_limit is not None else math.inf
     try:
         for step in range(run.start_step, total):
             loss, grad_norm = train_step(step)
             sums += torch.stack([loss, grad_norm])
             done = step + 1
             bar.update(1)
-            checkpoint = done % config.checkpoint_every == 0 or done == total
+            # Every rank must agree on stopping, hence rank 0's clock decides.
+            out_of_time = config.time_limit is not None and distributed.broadcast_flag(
+                procs, time.perf_counter() > deadline)
+            checkpoint = done % config.checkpoint_every == 0 or done == total or out_of_time
             if done % config.log_every == 0 or checkpoint:
                 if procs.size > 1:
                     dist.all_reduce(sums)
@@ -405,10 +435,13 @@ def _train(config: TrainConfig, procs: World, device: torch.device, on_step) -> 
             if procs.is_main and checkpoint:
                 save_checkpoint(out / "model.safetensors", ema, diffusion, run.dataset.class_names)
                 save_state(out / STATE_FILE, done, dataclasses.asdict(config), mc.to_json(), model, ema, optimizer)
-            if procs.is_main and config.sample_every and (done % config.sample_every == 0 or done == total):
+            if procs.is_main and config.sample_every and (done % config.sample_every == 0 or done == total
+                                                          or out_of_time):
                 save_samples(out / "samples" / f"step-{done:07d}.png", ema, mc, diffusion, config, device)
             if on_step is not None:
                 on_step(done)
+            if out_of_time:
+                break
         if total == run.start_step and procs.is_main and not (out / "model.safetensors").is_file():
             save_checkpoint(out / "model.safetensors", ema, diffusion, run.dataset.class_names)
     finally:
@@ -420,13 +453,13 @@ def _train(config: TrainConfig, procs: World, device: torch.device, on_step) -> 
 
 def optimize(net: nn.Module, model: nn.Module, ema: nn.Module, optimizer: torch.optim.Optimizer, x0: torch.Tensor,
              y: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor, bf16: bool, lr: float,
-             grad_clip: float, ema_beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+             grad_clip: float, ema_beta: float, min_snr_gamma: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One AdamW step on L_simple, then the EMA update; `net` is `model` or its DDP/compiled wrapper.
 
     Returns (loss, gradient norm before clipping) as device tensors: no host sync here.
     """
     with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=bf16):
-        loss = eps_loss(net, x0, y, t, noise, alpha_bar)
+        loss = eps_loss(net, x0, y, t, noise, alpha_bar, min_snr_gamma)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = nn.utils.clip_grad_norm_(model.parameters(), grad_clip)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from engine.config import DiffusionConfig
-from engine.diffusion import alpha_bar, make_betas, q_sample
+from engine.diffusion import alpha_bar, eps_loss, make_betas, q_sample
 
 
 def test_linear_schedule_matches_ho_et_al():
@@ -46,3 +46,28 @@ def test_q_sample_moments():
 def test_bad_diffusion_config_is_rejected(bad):
     with pytest.raises(ValueError):
         make_betas(DiffusionConfig(**bad))
+
+
+def test_min_snr_gamma_weights_each_sample_by_its_clipped_snr():
+    ab = alpha_bar(DiffusionConfig())
+    torch.manual_seed(0)
+    x0, noise = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)
+    t = torch.tensor([0, 200, 600, 999])
+    y = torch.zeros(4, dtype=torch.long)
+
+    def model(x_t, t_, y_):
+        return 0.5 * x_t  # any fixed function of x_t
+
+    plain = eps_loss(model, x0, y, t, noise, ab)
+    weighted = eps_loss(model, x0, y, t, noise, ab, min_snr_gamma=5.0)
+    # By hand, in float64: x_t = sqrt(ab) x0 + sqrt(1 - ab) noise, per-sample MSE, weight min(SNR, 5) / SNR.
+    a = ab[t].view(-1, 1, 1, 1)
+    x_t = a.sqrt() * x0.double() + (1 - a).sqrt() * noise.double()
+    mse = (0.5 * x_t - noise.double()).square().flatten(1).mean(1)
+    snr = ab[t] / (1 - ab[t])
+    expected = (torch.minimum(snr, torch.tensor(5.0, dtype=torch.float64)) / snr * mse).mean()
+    assert weighted.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert plain.item() == pytest.approx(mse.mean().item(), rel=1e-5)
+    assert snr[0] > 5 > snr[-1]  # the test covers both sides of the clip
+    # A gamma above every SNR weights nothing: plain L_simple.
+    assert eps_loss(model, x0, y, t, noise, ab, min_snr_gamma=1e9).item() == pytest.approx(plain.item(), rel=1e-6)

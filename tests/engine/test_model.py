@@ -52,3 +52,30 @@ def test_unknown_preset_and_bad_config():
         UNet(ModelConfig(image_size=30))
     with pytest.raises(ValueError, match="at least 2 channels"):
         UNet(ModelConfig(ch=32, num_groups=32))
+
+
+def test_patch_stem_runs_the_top_level_at_half_resolution():
+    # patch_size 2: the image enters as 2x2 pixel blocks on 12 channels, the top level is 16x16, so
+    # attention "at 8" sits one level down; the output is the image's shape again.
+    config = ModelConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), num_groups=8,
+                         dropout=0.0, patch_size=2)
+    model = UNet(config).eval()
+    assert model.conv_in.in_channels == 12 and model.conv_out.out_channels == 12
+    seen = []
+    model.conv_in.register_forward_hook(lambda m, i, o: seen.append(o.shape[-1]))
+    attn = [m for m in model.modules() if type(m).__name__ == "AttnBlock"]
+    attn[0].register_forward_hook(lambda m, i, o: seen.append(o.shape[-1]))
+    x = torch.randn(2, 3, 32, 32)
+    eps = model(x, torch.tensor([3, 900]), torch.tensor([0, 10]))
+    assert eps.shape == x.shape
+    assert seen[:2] == [16, 8]
+    # Pixel (i, j) of channel c is input channel 4c + 2(i % 2) + (j % 2) at (i // 2, j // 2).
+    unshuffled = torch.nn.functional.pixel_unshuffle(x, 2)
+    assert torch.equal(unshuffled[:, 4 * 1 + 2 * 1 + 0, 3, 5], x[:, 1, 7, 10])
+
+
+def test_patch_size_must_divide_the_image():
+    with pytest.raises(ValueError, match="patch_size"):
+        UNet(ModelConfig(ch=32, ch_mult=(1, 2, 2, 2), num_groups=8, patch_size=2, image_size=24))
+    with pytest.raises(ValueError, match="patch_size"):
+        UNet(ModelConfig(ch=32, num_groups=8, patch_size=0))

@@ -234,3 +234,32 @@ def test_help_has_examples(capsys):
 def test_existing_run_needs_resume(straight, capsys):
     assert train_main(["--device", "cpu", "--preset", "tiny", "--dataset", "synthetic", "--out", str(straight), "--steps", "1"]) == 1
     assert "pass --resume" in one_error_line(capsys)
+
+
+def test_init_from_starts_model_and_ema_from_a_checkpoint(straight, tmp_path, capsys):
+    source = load_checkpoint(straight / "model.safetensors").model.state_dict()
+    out = tmp_path / "init"
+    # One step at a negligible rate: both the model and its EMA must still be the checkpoint's weights,
+    # and the optimizer must be fresh (its first step), not the source run's.
+    train(make_config(out, steps=1, lr=1e-12, weight_decay=0.0, init_from=str(straight / "model.safetensors")))
+    state = load_state(out / "state.safetensors")
+    for name, value in source.items():
+        torch.testing.assert_close(state.model[name], value, rtol=0, atol=1e-9, msg=name)
+        torch.testing.assert_close(state.ema[name], value, rtol=0, atol=1e-9, msg=name)
+    assert {int(s["step"]) for s in state.optimizer["state"].values()} == {1}
+    # A checkpoint of another model is refused in one line, before anything is written.
+    other = tmp_path / "other"
+    assert train_main(["--device", "cpu", "--preset", "cifar10-compact", "--dataset", "synthetic", "--steps", "1",
+                       "--out", str(other), "--init-from", str(straight / "model.safetensors"), "--no-progress"]) == 1
+    assert "--init-from" in one_error_line(capsys)
+    assert not (other / "state.safetensors").exists()
+
+
+def test_time_limit_checkpoints_and_stops(straight, tmp_path):
+    out = tmp_path / "timed"
+    train(make_config(out, time_limit=1e-9, sample_every=100))  # out of time after the first step
+    assert load_state(out / "state.safetensors").step == 1
+    assert [p.name for p in (out / "samples").iterdir()] == ["step-0000001.png"]  # the grid of where it stopped
+    train(make_config(out, resume=True))  # no limit: on to the end, as if never stopped
+    a, b = weights(straight), weights(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
