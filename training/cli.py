@@ -11,6 +11,7 @@ from pathlib import Path
 from engine.checkpoint import CheckpointError
 from engine.cli import Parser, int_range, non_negative_float
 from engine.config import PRESETS
+from engine.fid import FidError
 from training.data import DATASETS, DatasetError
 from training.state import StateError
 from training.train import DEFAULT_EPOCHS, HYPERPARAMETERS, OtherRankFailed, TrainConfig, saved_config, train
@@ -120,12 +121,20 @@ def build_parser() -> Parser:
     output.add_argument("--checkpoint-every", type=int_range(1), default=None,
                         help=f"steps between checkpoints (default: {d['checkpoint_every']}; always at the end)")
     output.add_argument("--sample-every", type=int_range(0), default=None,
-                        help=f"steps between sample grids, 0 for none (default: {d['sample_every']}; "
-                             f"and at the end)")
+                        help=f"steps between sample grids, 0 for none (default: {d['sample_every']}; and at "
+                             f"the end, unless that grid would cost over a tenth of the run's training)")
     output.add_argument("--sample-steps", type=int_range(1), default=None,
                         help=f"DDIM steps of the sample grids (default: {d['sample_steps']})")
     output.add_argument("--log-every", type=int_range(1), default=None,
                         help=f"steps between log.csv rows (default: {d['log_every']})")
+    output.add_argument("--fid-every", type=int_range(0), default=None,
+                        help="steps between FID evaluations of the EMA model, logged in log.csv's fid column "
+                             "(default: 0, none; needs --fid-ref and the eval extra)")
+    output.add_argument("--fid-samples", type=int_range(2), default=None,
+                        help=f"images per FID evaluation, class-balanced, DDIM --sample-steps, w = 1.8 "
+                             f"(default: {d['fid_samples']})")
+    output.add_argument("--fid-ref", type=Path, default=None,
+                        help="reference statistics for --fid-every, from ddpm-engine fid-ref")
     output.add_argument("--time-limit", type=positive_float, default=None,
                         help="minutes of wall time after which the run checkpoints and stops (continue it "
                              "with --resume); the schedule still spans --steps/--epochs")
@@ -142,7 +151,7 @@ def make_config(args: argparse.Namespace) -> TrainConfig:
     given = {name: getattr(args, name) for name in DEFAULTS if getattr(args, name, None) is not None}
     given["compile"], given["progress"], given["resume"] = args.compile, not args.no_progress, args.resume
     given["out"] = str(args.out)
-    for name in ("data_dir", "init_from"):
+    for name in ("data_dir", "init_from", "fid_ref"):
         if getattr(args, name) is not None:
             given[name] = str(getattr(args, name))
     saved = saved_config(args.out) if args.resume else None
@@ -163,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         path = train(config)
     except OtherRankFailed:
         return 1
-    except (DatasetError, StateError, CheckpointError, OSError, ValueError) as e:
+    except (DatasetError, StateError, CheckpointError, FidError, OSError, ValueError) as e:
         rank = os.environ.get("RANK", "0")
         print(f"ddpm-train{'' if rank == '0' else f' [rank {rank}]'}: error: {e}", file=sys.stderr)
         return 1

@@ -28,7 +28,7 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
-from engine import distributed
+from engine import distributed, fid
 from engine.checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from engine.config import DiffusionConfig, ModelConfig
 from engine.diffusion import alpha_bar as make_alpha_bar
@@ -40,8 +40,9 @@ from engine.model import UNet
 from training.data import Dataset, load_dataset
 from training.state import STATE_FILE, StateError, load_state, save_state
 
-LOG_COLUMNS = ("step", "epoch", "lr", "loss", "grad_norm", "ema_decay", "images_per_s")
-SAMPLES_PER_CLASS = 8
+LOG_COLUMNS = ("step", "epoch", "lr", "loss", "grad_norm", "ema_decay", "images_per_s", "fid")
+SAMPLES_PER_CLASS = 4
+GRID_BUDGET = 0.1  # the end-of-run grid is skipped when it would cost more than this share of the run
 SAMPLE_GUIDANCE = 1.8  # the report's w
 DEFAULT_EPOCHS = 200  # the report's run length when neither --steps nor --epochs is given
 
@@ -69,8 +70,11 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 1000
     sample_every: int = 5000            # 0: no sample grids
-    sample_steps: int = 50              # DDIM steps of the sample grids
+    sample_steps: int = 20              # DDIM steps of the sample grids
     log_every: int = 10
+    fid_every: int = 0                  # steps between FID evaluations of the EMA model, 0 for none
+    fid_samples: int = 1000             # images sampled (class-balanced, the run's seed) per evaluation
+    fid_ref: str | None = None          # reference statistics (ddpm-engine fid-ref) for --fid-every
     time_limit: float | None = None     # minutes: stop (with a checkpoint) once this much wall time has passed
     device: str = "auto"
     precision: str = "auto"            # "auto" (bf16 on CUDA, fp32 on CPU), "fp32" or "bf16"
@@ -197,6 +201,7 @@ class Run:
     start_step: int
     saved: object | None  # a TrainingState when resuming
     init_weights: dict | None = None  # --init-from's weights, for a new run
+    fid: tuple | None = None  # (Inception network, reference Stats) on rank 0 with --fid-every
 
 
 def resolve(config: TrainConfig, dataset_size: int, preset: ModelConfig) -> tuple[TrainConfig, int]:
@@ -244,14 +249,23 @@ def check_config(config: TrainConfig, procs: World) -> None:
             problems.append(f"--{name.replace('_', '-')} must be >= 1")
     if config.sample_every < 0:
         problems.append("--sample-every must be >= 0")
+    if config.fid_every < 0 or config.fid_samples < 2:
+        problems.append("need --fid-every >= 0 and --fid-samples >= 2")
+    if config.fid_every and not config.fid_ref:
+        problems.append("--fid-every needs --fid-ref STATS.npz (write one with ddpm-engine fid-ref)")
     if problems:
         raise ValueError("; ".join(problems))
+
+
+def with_defaults(train_config: dict) -> dict:
+    """A saved TrainConfig with the defaults of the fields added since it was written."""
+    return {f.name: f.default for f in dataclasses.fields(TrainConfig)} | train_config
 
 
 def saved_config(out: Path) -> dict | None:
     """The resolved TrainConfig of the run in `out`, or None when it holds no state."""
     path = out / STATE_FILE
-    return load_state(path).train_config if path.is_file() else None
+    return with_defaults(load_state(path).train_config) if path.is_file() else None
 
 
 def prepare(config: TrainConfig, procs: World) -> Run:
@@ -280,16 +294,15 @@ def prepare(config: TrainConfig, procs: World) -> Run:
                                preset.image_size, config.seed)
 
     if saved is not None:
-        wanted = {k: v for k, v in dataclasses.asdict(config).items()}
+        wanted, kept = dataclasses.asdict(config), with_defaults(saved.train_config)
         for key in HYPERPARAMETERS:
             given = wanted[key]
-            if given is not None and given != saved.train_config[key]:
+            if given is not None and given != kept[key]:
                 raise StateError(f"--{key.replace('_', '-')} {given} differs from the run's "
-                                 f"{saved.train_config[key]}; a resumed run keeps its settings")
+                                 f"{kept[key]}; a resumed run keeps its settings")
         steps = config.steps if config.steps is not None else (None if config.epochs is not None
-                                                                else saved.train_config["steps"])
-        config = dataclasses.replace(config, **{k: saved.train_config[k] for k in HYPERPARAMETERS},
-                                     steps=steps)
+                                                                else kept["steps"])
+        config = dataclasses.replace(config, **{k: kept[k] for k in HYPERPARAMETERS}, steps=steps)
     config, total = resolve(config, len(dataset), preset)
     model_config = dataclasses.replace(preset, num_classes=dataset.num_classes, dropout=config.dropout)
     if saved is not None:
@@ -301,7 +314,10 @@ def prepare(config: TrainConfig, procs: World) -> Run:
     init_weights = None
     if saved is None and config.init_from is not None:
         init_weights = load_init_weights(Path(config.init_from), model_config)
-    return Run(config, model_config, dataset, total, start, saved, init_weights)
+    fid_tools = None
+    if config.fid_every and procs.is_main:  # loaded before training, so a bad file fails at once
+        fid_tools = (fid.load_network(), fid.load_stats(Path(config.fid_ref)))
+    return Run(config, model_config, dataset, total, start, saved, init_weights, fid_tools)
 
 
 def load_init_weights(path: Path, model_config: ModelConfig) -> dict:
@@ -404,6 +420,7 @@ def _train(config: TrainConfig, procs: World, device: torch.device, on_step) -> 
     bar = tqdm(total=total, initial=run.start_step, unit="step", dynamic_ncols=True,
                disable=not (config.progress and procs.is_main))
     sums = torch.zeros(2, device=device)
+    postfix: dict[str, str] = {}
     last_logged, last_time = run.start_step, time.perf_counter()
     deadline = last_time + 60 * config.time_limit if config.time_limit is not None else math.inf
     try:
@@ -416,7 +433,8 @@ def _train(config: TrainConfig, procs: World, device: torch.device, on_step) -> 
             out_of_time = config.time_limit is not None and distributed.broadcast_flag(
                 procs, time.perf_counter() > deadline)
             checkpoint = done % config.checkpoint_every == 0 or done == total or out_of_time
-            if done % config.log_every == 0 or checkpoint:
+            fid_due = config.fid_every and done % config.fid_every == 0
+            if done % config.log_every == 0 or checkpoint or fid_due:
                 if procs.size > 1:
                     dist.all_reduce(sums)
                     sums /= procs.size
@@ -424,19 +442,24 @@ def _train(config: TrainConfig, procs: World, device: torch.device, on_step) -> 
                 now = time.perf_counter()
                 rate = (done - last_logged) * gb / (now - last_time)
                 lr = get_lr(step * gb / n, config, total_epochs)
+                score = ""
+                if fid_due and procs.is_main:
+                    score = f"{evaluate_fid(ema, mc, diffusion, config, device, *run.fid):.3f}"
+                    postfix["fid"] = score
                 row = (done, f"{done * gb / n:.4f}", f"{lr:.6g}", f"{mean_loss:.6f}", f"{mean_norm:.4f}",
-                       f"{ema_decay_at(step, config.ema_decay):.6f}", f"{rate:.1f}")
+                       f"{ema_decay_at(step, config.ema_decay):.6f}", f"{rate:.1f}", score)
                 if log is not None:
                     log.write(",".join(map(str, row)) + "\n")
                     log.flush()
-                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
+                postfix.update(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
+                bar.set_postfix(postfix)
                 sums.zero_()
-                last_logged, last_time = done, now
+                last_logged, last_time = done, time.perf_counter()  # the next rate leaves the FID out
             if procs.is_main and checkpoint:
                 save_checkpoint(out / "model.safetensors", ema, diffusion, run.dataset.class_names)
                 save_state(out / STATE_FILE, done, dataclasses.asdict(config), mc.to_json(), model, ema, optimizer)
-            if procs.is_main and config.sample_every and (done % config.sample_every == 0 or done == total
-                                                          or out_of_time):
+            last = (done == total or out_of_time) and grid_is_cheap(done - run.start_step, config, mc)
+            if procs.is_main and config.sample_every and (done % config.sample_every == 0 or last):
                 save_samples(out / "samples" / f"step-{done:07d}.png", ema, mc, diffusion, config, device)
             if on_step is not None:
                 on_step(done)
@@ -477,11 +500,42 @@ def open_log(path: Path, start_step: int):
     if start_step > 0 and path.is_file():
         with open(path, newline="") as f:
             for row in csv.reader(f):
+                if len(row) == len(LOG_COLUMNS) - 1:
+                    row.append("")  # a log written before the fid column
                 if len(row) == len(LOG_COLUMNS) and row[0].isdigit() and int(row[0]) <= start_step:
                     rows.append(row)
     text = ",".join(LOG_COLUMNS) + "\n" + "".join(",".join(r) + "\n" for r in rows)
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
     return open(path, "a")
+
+
+FID_BATCH = 250  # images sampled at a time for an FID evaluation (bounded memory)
+
+
+@torch.no_grad()
+def evaluate_fid(ema: UNet, mc: ModelConfig, diffusion: DiffusionConfig, config: TrainConfig, device: torch.device,
+                 network: fid.InceptionNetwork, reference: fid.Stats) -> float:
+    """FID of config.fid_samples images of the EMA model (DDIM --sample-steps, the grids' guidance,
+    class i % num_classes for image i, the run's seed) against the reference statistics."""
+    classes = list(range(mc.num_classes))
+    settings = SampleSettings(sampler="ddim", steps=min(config.sample_steps, diffusion.num_timesteps),
+                              guidance=SAMPLE_GUIDANCE)
+
+    def batches():
+        for indices in torch.arange(config.fid_samples).split(FID_BATCH):
+            images, _ = generate(ema, mc, diffusion, settings, indices, classes, seed=config.seed,
+                                 batch_size=FID_BATCH, device=device, progress=False)
+            yield images
+
+    stats = fid.feature_stats(network, batches(), config.fid_samples, progress=False, source="training samples")
+    return fid.frechet_distance(stats, reference)
+
+
+def grid_is_cheap(steps_trained: int, config: TrainConfig, mc: ModelConfig) -> bool:
+    """Whether a sample grid costs at most GRID_BUDGET of `steps_trained` training steps, counting
+    U-Net forwards: 2 per grid image and DDIM step (guidance), about 3 per training image."""
+    grid_forwards = 2 * SAMPLES_PER_CLASS * mc.num_classes * config.sample_steps
+    return grid_forwards <= GRID_BUDGET * 3 * steps_trained * config.batch_size
 
 
 @torch.no_grad()

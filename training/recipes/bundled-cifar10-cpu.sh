@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# The bundled CIFAR-10 model, trained on a CPU (issue "The bundled CIFAR-10 model, trained on the
+# CPU"), in sessions: each call trains for MINUTES more (resuming the run in RUN), then writes the
+# fp16 EMA weights that ship in engine/weights/.
+#
+#   bash training/recipes/bundled-cifar10-cpu.sh           # train MINUTES more, then export
+#   bash training/recipes/bundled-cifar10-cpu.sh export    # only write the weights of the run so far
+#
+# From scratch this is the whole recipe: call it until the model is good enough (see
+# engine/weights/README.md for how long that took here). On a machine that lost RUN, the run
+# continues from the committed weights (--init-from: model and EMA from them, fresh optimizer).
+# The learning rate is constant after the warm-up, so a run stopped and continued any number of
+# times (or restarted from the weights) follows the same recipe.
+#
+# Settings (environment): MINUTES (default 120), RUN, DATA (the JPEG CIFAR-10 tarball), FID_EVERY
+# (steps between FID evaluations, 0 for none), THREADS.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+PRESET=cifar10-cpu
+MINUTES="${MINUTES:-120}"
+RUN="${RUN:-runs/bundled-cifar10-cpu}"
+DATA="${DATA:-../shared/data/cifar10-jpeg.tar.gz}"
+FID_EVERY="${FID_EVERY:-5000}"
+WEIGHTS=engine/weights/cifar10-cpu.safetensors
+FID_REF=runs/fid/cifar10-jpeg-test-2k.npz
+
+export_weights() {
+    python - "$RUN/model.safetensors" "$WEIGHTS" <<'PY'
+import sys
+
+import torch
+
+from engine.checkpoint import load_checkpoint, save_checkpoint
+
+ckpt = load_checkpoint(sys.argv[1])
+save_checkpoint(sys.argv[2], ckpt.model, ckpt.diffusion, ckpt.class_names, dtype=torch.float16)
+PY
+    ls -l "$WEIGHTS"
+}
+
+if [ "${1:-train}" = export ]; then
+    export_weights
+    exit 0
+fi
+
+# The data (50,000 JPEG training images) and a 2,000-image reference for the FID in log.csv.
+if [ ! -d runs/data/cifar10-jpeg/train ]; then
+    mkdir -p runs/data && tar -xzf "$DATA" -C runs/data
+fi
+fid=()
+if [ "$FID_EVERY" != 0 ]; then
+    [ -f "$FID_REF" ] || python -m engine.cli fid-ref runs/data/cifar10-jpeg/test --limit 2000 --out "$FID_REF" --no-progress
+    fid=(--fid-every "$FID_EVERY" --fid-samples 2000 --fid-ref "$FID_REF")
+fi
+
+recipe=(--preset "$PRESET" --dataset folder --data-dir runs/data/cifar10-jpeg/train --batch-size 32
+        --lr 5e-4 --warmup-multiplier 1 --warmup-epochs 0.5 --lr-schedule constant --ema-decay 0.9995
+        --p-uncond 0.1 --steps 10000000 --device cpu)
+start=()
+if [ ! -f "$RUN/state.safetensors" ] && [ -f "$WEIGHTS" ]; then
+    start=(--init-from "$WEIGHTS")   # a new machine: continue from the committed weights
+fi
+python -m training.cli "${recipe[@]}" "${start[@]}" "${fid[@]}" --resume --time-limit "$MINUTES" \
+    --checkpoint-every 500 --sample-every 5000 --log-every 100 --no-progress --out "$RUN"
+export_weights
