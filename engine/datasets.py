@@ -37,15 +37,12 @@ class DataError(Exception):
 
 @dataclass
 class ImageSource:
-    """`count` images of `path`, described by `name`; `batches(size)` streams them."""
+    """`count` images of `path`, described by `name`. batches(batch_size) streams them as uint8
+    N x H x W x 3 arrays of at most batch_size images (a new batch where the image size changes)."""
     path: Path
     name: str
     count: int
-    read: Callable[[int], Iterator[np.ndarray]]
-
-    def batches(self, batch_size: int) -> Iterator[np.ndarray]:
-        """uint8 N x H x W x 3 arrays of at most batch_size images (a new batch at a size change)."""
-        return self.read(batch_size)
+    batches: Callable[[int], Iterator[np.ndarray]]
 
 
 def open_images(path: Path, split: str | None = None, limit: int | None = None) -> ImageSource:

