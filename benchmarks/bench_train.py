@@ -1,7 +1,9 @@
 """Training throughput: images/s of one optimizer step (forward, backward, AdamW, EMA).
 
-On the CPU: the tiny preset at batch 8, eager fp32 (a quick check that the step runs).
-On CUDA: ddpm-cifar10 at batch 128, eager fp32 against the fast path (bf16 autocast +
+On the CPU: the tiny preset at batch 8, eager fp32 (a quick check that the step runs), and the
+bundled model's preset (cifar10-cpu) at the trainer's default batch (128) against the batch its
+CPU recipe uses (32), contiguous and channels_last, in the same run (DDPM_BENCH_FULL=1; quick
+mode runs batch 32 only). On CUDA: ddpm-cifar10 at batch 128, eager fp32 against the fast path (bf16 autocast +
 channels_last + torch.compile), in the same run; compile time is reported separately.
 Nothing here asserts a speed.
 """
@@ -13,6 +15,7 @@ import copy
 import pytest
 import torch
 
+from benchmarks.harness import FULL, ON_GPU
 from engine.bench import flops_per_image
 from engine.config import PRESETS, DiffusionConfig, ModelConfig
 from engine.diffusion import alpha_bar as make_alpha_bar
@@ -24,9 +27,9 @@ CUDA = torch.cuda.is_available()
 TRAIN_FLOPS_PER_FORWARD = 3
 
 
-def make_step(preset: str, batch: int, device: str, fast: bool):
+def make_step(preset: str, batch: int, device: str, fast: bool, channels_last: bool | None = None):
     config = ModelConfig.from_name(preset)
-    memory_format = torch.channels_last if fast else torch.contiguous_format
+    memory_format = torch.channels_last if (fast if channels_last is None else channels_last) else torch.contiguous_format
     torch.manual_seed(0)
     model = UNet(config).to(device, memory_format=memory_format).train()
     ema = copy.deepcopy(model).requires_grad_(False)
@@ -54,6 +57,26 @@ def test_train_step_tiny_cpu(bench):
     row = bench(step, what="train", backend="eager-fp32", batch=8, preset="tiny", params=params, device="cpu",
                 flops=TRAIN_FLOPS_PER_FORWARD * flops_per_image(PRESETS["tiny"]) * 8)
     print(f"tiny batch 8 on cpu (eager fp32): {8 / (row['ms_median'] * 1e-3):.1f} images/s")
+
+
+CPU_RATES: dict[str, float] = {}
+
+
+@pytest.mark.parametrize("batch, layout", [(128, "contiguous"), (32, "contiguous"), (32, "channels_last"),
+                                           (64, "contiguous")])
+def test_train_step_cpu_preset(bench, batch, layout):
+    if ON_GPU:
+        pytest.skip("CPU rows: the GPU machine's time goes to the CUDA rows")
+    if not FULL and (batch, layout) != (32, "contiguous"):
+        pytest.skip("quick mode runs cifar10-cpu at batch 32 only; set DDPM_BENCH_FULL=1 for the comparison")
+    step, params = make_step("cifar10-cpu", batch, "cpu", fast=False, channels_last=layout == "channels_last")
+    row = bench(step, what="train", backend=f"eager-fp32-{layout}", batch=batch, preset="cifar10-cpu", params=params,
+                device="cpu", layout=layout, rounds=5 if FULL else 3,
+                flops=TRAIN_FLOPS_PER_FORWARD * flops_per_image(PRESETS["cifar10-cpu"]) * batch)
+    CPU_RATES[f"{batch}-{layout}"] = rate = batch / (row["ms_median"] * 1e-3)
+    row["images_per_s"] = round(rate, 1)
+    if "128-contiguous" in CPU_RATES:
+        print(f"cifar10-cpu batch {batch} {layout}: {rate / CPU_RATES['128-contiguous']:.2f}x batch 128 contiguous")
 
 
 RATES: dict[bool, float] = {}

@@ -24,7 +24,7 @@ from engine.generate import SampleSettings, generate, interpolate
 from engine.images import check_writable, grid, save_png, staged_output, write_samples
 from engine.noise import MASK32
 
-BUNDLED_CHECKPOINT = Path(__file__).parent / "weights" / "cifar10-compact.safetensors"
+BUNDLED_CHECKPOINT = Path(__file__).parent / "weights" / "cifar10.safetensors"
 
 EXAMPLES = """examples:
   ddpm-engine sample --checkpoint runs/tiny/model.safetensors -n 20 --out samples

@@ -107,6 +107,9 @@ PRESETS: dict[str, ModelConfig] = {
     "ddpm-stl10": ModelConfig(image_size=64),
     # The model we ship: under 8M parameters.
     "cifar10-compact": ModelConfig(ch=64, ch_mult=(1, 2, 2)),
+    # The bundled model, trained on a 2-core CPU: 2.25M parameters, 0.73 GFLOP a forward; chosen by
+    # the ablation in engine/weights/README.md (a 2x2 pixel-unshuffle stem and attention at 16x16 lost).
+    "cifar10-cpu": ModelConfig(ch=32, ch_mult=(1, 2, 2, 2), attn_resolutions=(8,), dropout=0.0, num_groups=16),
     # A few hundred thousand parameters, for tests and CPU smoke runs.
     "tiny": ModelConfig(ch=32, ch_mult=(1, 1), num_res_blocks=1, dropout=0.0, num_groups=8),
 }

@@ -7,7 +7,7 @@
 #   3. trains for as many steps as fit in BUDGET_S at that rate (a step count, not a timer,
 #      so the cosine schedule ends at the end and the run stays exactly resumable; loading the
 #      50,000 JPEGs, compiling and the final sample grid come on top of BUDGET_S),
-#   4. writes the EMA weights as fp16 to engine/weights/cifar10-compact.safetensors, and copies
+#   4. writes the EMA weights as fp16 to engine/weights/cifar10.safetensors, and copies
 #      it with log.csv, the settings and the last sample grid to $OUT when set.
 #
 # Every setting is an environment variable; the defaults are a starting point, NOT yet tuned
@@ -29,7 +29,7 @@ BUDGET_S="${BUDGET_S:-540}"      # the issue's 9 minutes of training
 PROBE_STEPS="${PROBE_STEPS:-150}"
 COMPILE="${COMPILE:---compile}"
 RUN="${RUN:-runs/bundled-cifar10}"
-WEIGHTS="${WEIGHTS:-engine/weights/cifar10-compact.safetensors}"
+WEIGHTS="${WEIGHTS:-engine/weights/cifar10.safetensors}"
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
