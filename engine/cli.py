@@ -20,7 +20,7 @@ from engine.config import PRESETS
 from engine.datasets import SPLITS, DataError, ImageSource, open_images
 from engine.fid import (BACKENDS as FID_BACKENDS, NO_CLASSIFIER, PREPROCESSING, FidError, InceptionNetwork, Stats,
                         frechet_distance, image_stats, load_network, load_stats, save_stats)
-from engine.generate import SampleSettings, generate, interpolate
+from engine.generate import SampleSettings, default_batch_size, generate, interpolate
 from engine.images import check_writable, grid, save_png, staged_output, write_samples
 from engine.noise import MASK32
 
@@ -108,7 +108,9 @@ def build_parser() -> Parser:
     sample.add_argument("--spacing", choices=["uniform", "quadratic"], default="uniform",
                         help="timestep spacing when steps < T (default: uniform)")
     sample.add_argument("--clip-x0", action="store_true", help="clip the predicted x_0 to [-1, 1] at each step")
-    sample.add_argument("--batch-size", type=int_range(1), default=256, help="images per model call (default: 256)")
+    sample.add_argument("--batch-size", type=int_range(1), default=None,
+                        help="images per model call (default: 32 on the CPU, where larger batches cost more per "
+                             "image, 256 on a GPU)")
     sample.add_argument("--out", type=Path, default=Path("samples"), help="output folder (default: ./samples)")
 
     interp = commands.add_parser("interpolate", help="interpolate between pairs of samples (lerp and slerp)",
@@ -235,11 +237,12 @@ def cmd_sample(args) -> None:
         settings = SampleSettings(sampler=args.sampler, steps=args.steps, eta=args.eta, variance=args.variance,
                                   spacing=args.spacing, guidance=guidance, clip_x0=args.clip_x0)
         indices = distributed.shard(torch.arange(n), world)
+        batch_size = args.batch_size or default_batch_size(device)
         steps = args.steps or (ckpt.diffusion.num_timesteps if args.sampler == "ddpm" else 50)
-        backend = build_backend(ckpt, args.backend, device, args.precision, max_images=args.batch_size,
+        backend = build_backend(ckpt, args.backend, device, args.precision, max_images=batch_size,
                                 image_steps=len(indices) * steps)
         images, labels = generate(backend.model, ckpt.model.config, ckpt.diffusion, settings, indices, classes,
-                                  args.seed, args.batch_size, device, progress=not args.no_progress and world.is_main,
+                                  args.seed, batch_size, device, progress=not args.no_progress and world.is_main,
                                   loop=backend.loop)
         images, labels = distributed.gather(images, n, world, device), distributed.gather(labels, n, world, device)
         if world.is_main:

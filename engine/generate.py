@@ -45,6 +45,12 @@ def _make_plan(settings: SampleSettings, diffusion) -> SamplerPlan:
     raise ValueError(f"unknown sampler {settings.sampler!r}; use ddpm or ddim")
 
 
+def default_batch_size(device: torch.device | str) -> int:
+    """Images a sampling call. On the CPU the cost per image grows with the batch (caches): 2,000 guided
+    DDIM-10 images of cifar10-cpu took 30 min at 256 a batch and 5 min at 32 on our 2-core machine."""
+    return 32 if torch.device(device).type == "cpu" else 256
+
+
 def labels_for(indices: torch.Tensor, classes: list[int]) -> torch.Tensor:
     return torch.tensor(classes, dtype=torch.int64)[indices % len(classes)]
 
