@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import zipfile
 from pathlib import Path
@@ -68,9 +69,21 @@ def non_negative_float(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{value} is not a finite number")
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"{value} must be >= 0")
+    return value
+
+
+MAX_GUIDANCE = 100.0  # far past any useful scale (papers use up to ~10); beyond it images saturate to garbage
+
+
+def guidance_scale(text: str) -> float:
+    value = non_negative_float(text)
+    if value > MAX_GUIDANCE:
+        raise argparse.ArgumentTypeError(f"{value} is out of range [0, {MAX_GUIDANCE:g}]")
     return value
 
 
@@ -83,7 +96,7 @@ def build_parser() -> Parser:
         p.add_argument("--checkpoint", type=Path, default=None,
                        help="a .safetensors checkpoint, an exported .onnx file (ONNX Runtime) or a .plan "
                             "(TensorRT) (default: the bundled CIFAR-10 model)")
-        p.add_argument("--guidance", "-w", type=non_negative_float, default=None,
+        p.add_argument("--guidance", "-w", type=guidance_scale, default=None,
                        help="guidance scale w in (1 + w) eps(x, c) - w eps(x, null); 0 = purely conditional "
                             "(default: 1.8 for sample, 0 for interpolate)")
         p.add_argument("--seed", type=int_range(0, MASK32), default=0, help="run seed (default: 0)")

@@ -199,7 +199,8 @@ def verify_onnx(path: str | os.PathLike, ckpt: Checkpoint, fp16: bool, batches=(
         (out,) = session.run([OUTPUT_NAME], {name: v.numpy() for name, v in zip(INPUT_NAMES, inputs)})
         with torch.no_grad():
             ref = model(*inputs)
-        worst = max(worst, relative_error(torch.from_numpy(out), ref))
+        error = relative_error(torch.from_numpy(out), ref)
+        worst = max(worst, error if math.isfinite(error) else math.inf)  # a NaN must fail, not vanish in max
     return Verification(worst, TOLERANCE["fp16" if fp16 else "fp32"], tuple(session.get_providers()))
 
 

@@ -65,7 +65,10 @@ def test_interpolate_writes_a_grid(checkpoint, tmp_path):
     (["--steps", "51"], "exceeds the model's T = 50"),
     (["--steps", "0"], "out of range"),
     (["--guidance", "-1"], "must be >= 0"),
-    (["--eta", "nan"], "must be >= 0"),
+    (["--eta", "nan"], "not a finite number"),
+    (["--eta", "inf"], "not a finite number"),
+    (["--guidance", "inf"], "not a finite number"),
+    (["--guidance", "1e30"], "out of range [0, 100]"),
     (["--seed", "-3"], "out of range"),
 ])
 def test_bad_input_is_one_line_and_nonzero(checkpoint, tmp_path, capsys, args, message):

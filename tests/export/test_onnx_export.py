@@ -1,12 +1,15 @@
 """ONNX export: numerics against the eager model, precision of the graph, metadata, sampling, errors."""
 
+import copy
+import shutil
+
 import numpy as np
 import onnx
 import pytest
 import torch
 from onnx import TensorProto, helper, shape_inference
 
-from engine.checkpoint import CheckpointError
+from engine.checkpoint import CheckpointError, save_checkpoint
 from engine.generate import SampleSettings, generate
 from export import onnx_export
 from export.cli import main as export_main
@@ -148,6 +151,21 @@ def test_failed_verification_leaves_no_file(tiny_checkpoint, tmp_path, capsys, m
     assert export_main(["--checkpoint", str(tiny_checkpoint), "--out", str(out)]) == 1
     assert "disagrees with PyTorch" in _one_error_line(capsys)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_nan_model_fails_verification_and_keeps_the_good_file(tiny, onnx_fp32, tmp_path, capsys):
+    model = copy.deepcopy(tiny.model)
+    with torch.no_grad():
+        model.conv_out.bias.fill_(float("nan"))  # every output NaN: the relative error is NaN
+    bad = tmp_path / "nan.safetensors"
+    save_checkpoint(bad, model, tiny.diffusion, tiny.class_names)
+    out = tmp_path / "model.onnx"
+    shutil.copy(onnx_fp32, out)
+    good = out.read_bytes()
+    assert export_main(["--checkpoint", str(bad), "--out", str(out)]) == 1
+    assert "disagrees with PyTorch" in _one_error_line(capsys)
+    assert out.read_bytes() == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "nan.safetensors"]
 
 
 def test_load_onnx_refuses_other_files(tmp_path):
