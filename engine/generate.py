@@ -77,6 +77,9 @@ def generate(model: nn.Module, config: ModelConfig, diffusion, settings: SampleS
             y = labels_for(batch, classes)
             x = loop(model, plan, y.to(device), image_keys(seed, batch).to(device), shape,
                      settings.guidance, config.null_class, settings.clip_x0, on_step=bar.update)
+            if not torch.isfinite(x).all():  # one check a batch, after the loop: no sync inside it
+                raise ValueError(f"the model produced NaN or infinite values (images {int(batch[0])}.."
+                                 f"{int(batch[-1])}): its weights or the sampling settings are broken")
             images.append(to_uint8(x))
             labels.append(y.numpy())
     return np.concatenate(images), np.concatenate(labels)

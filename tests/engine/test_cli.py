@@ -9,7 +9,7 @@ from PIL import Image
 
 from engine.cli import main
 from engine.config import PRESETS, DiffusionConfig
-from engine.checkpoint import save_checkpoint
+from engine.checkpoint import load_checkpoint, save_checkpoint
 from engine.model import UNet
 from tests.engine.test_generate import same_images
 
@@ -138,3 +138,17 @@ def test_no_bundled_model_is_one_clear_line(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert "no bundled model" in err and "--checkpoint" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_non_finite_model_output_is_an_error_not_black_images(checkpoint, tmp_path, capsys):
+    ckpt = load_checkpoint(checkpoint)
+    with torch.no_grad():
+        ckpt.model.conv_out.bias[0] = float("inf")
+    broken = tmp_path / "broken.safetensors"
+    save_checkpoint(broken, ckpt.model, ckpt.diffusion, ckpt.class_names)
+    out = tmp_path / "out"
+    assert main(["sample", "--device", "cpu", "--checkpoint", str(broken), "-n", "2", "--steps", "2", "--out", str(out),
+                 "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "NaN or infinite" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
