@@ -13,7 +13,8 @@
 # times (or restarted from the weights) follows the same recipe.
 #
 # Settings (environment): MINUTES (default 120), RUN, DATA (the JPEG CIFAR-10 tarball), FID_EVERY
-# (steps between FID evaluations, 0 for none), THREADS.
+# (steps between FID evaluations, 0 for none), THREADS (torch threads; default 2, the machine's
+# cores: use 1 while other work shares the machine, where 2 threads waste time waiting on each other).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -23,6 +24,7 @@ MINUTES="${MINUTES:-120}"
 RUN="${RUN:-runs/bundled-cifar10-cpu}"
 DATA="${DATA:-../shared/data/cifar10-jpeg.tar.gz}"
 FID_EVERY="${FID_EVERY:-10000}"
+export OMP_NUM_THREADS="${THREADS:-2}"
 WEIGHTS=engine/weights/cifar10.safetensors
 FID_REF=runs/fid/cifar10-jpeg-test.npz
 
