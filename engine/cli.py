@@ -201,7 +201,7 @@ def open_checkpoint(path: Path | None, device: torch.device) -> Checkpoint:
     if path is None:
         if not BUNDLED_CHECKPOINT.is_file():
             raise UsageError("this install has no bundled model yet; pass --checkpoint PATH "
-                             "(the README's quick start trains a small one in a few minutes)")
+                             "(the README's \"Train your own\" makes one in a few minutes)")
         path = BUNDLED_CHECKPOINT
     match path.suffix:
         case ".onnx":
