@@ -509,6 +509,12 @@ def open_log(path: Path, start_step: int):
     return open(path, "a")
 
 
+def training_sampler(config: TrainConfig, diffusion: DiffusionConfig) -> SampleSettings:
+    """What the grids and the FID evaluations sample with: DDIM --sample-steps, the report's w."""
+    return SampleSettings(sampler="ddim", steps=min(config.sample_steps, diffusion.num_timesteps),
+                          guidance=SAMPLE_GUIDANCE)
+
+
 FID_CHUNK = 256  # images sampled, then featurised, at a time in an FID evaluation (bounded memory)
 
 
@@ -518,8 +524,7 @@ def evaluate_fid(ema: UNet, mc: ModelConfig, diffusion: DiffusionConfig, config:
     """FID of config.fid_samples images of the EMA model (DDIM --sample-steps, the grids' guidance,
     class i % num_classes for image i, the run's seed) against the reference statistics."""
     classes = list(range(mc.num_classes))
-    settings = SampleSettings(sampler="ddim", steps=min(config.sample_steps, diffusion.num_timesteps),
-                              guidance=SAMPLE_GUIDANCE)
+    settings = training_sampler(config, diffusion)
 
     def batches():
         for indices in torch.arange(config.fid_samples).split(FID_CHUNK):
@@ -542,8 +547,7 @@ def grid_is_cheap(steps_trained: int, config: TrainConfig, mc: ModelConfig) -> b
 def save_samples(path: Path, ema: UNet, mc: ModelConfig, diffusion: DiffusionConfig, config: TrainConfig,
                  device: torch.device) -> None:
     classes = list(range(mc.num_classes))
-    settings = SampleSettings(sampler="ddim", steps=min(config.sample_steps, diffusion.num_timesteps),
-                              guidance=SAMPLE_GUIDANCE)
+    settings = training_sampler(config, diffusion)
     images, labels = generate(ema, mc, diffusion, settings, torch.arange(SAMPLES_PER_CLASS * len(classes)), classes,
                               seed=0, batch_size=default_batch_size(device), device=device, progress=False)
     picture = Image.fromarray(grid(class_rows(images, labels, classes)))
