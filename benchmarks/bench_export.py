@@ -21,8 +21,8 @@ from engine.bench import flops_per_image
 from engine.checkpoint import Checkpoint
 from engine.config import CIFAR10_CLASSES, PRESETS, DiffusionConfig
 from engine.model import UNet
-from export.onnx_export import export_onnx, random_inputs
-from export.onnx_runtime import load_onnx
+from engine.runtimes.onnx_export import export_onnx, random_inputs
+from engine.runtimes.onnx import load_onnx
 
 FULL = os.environ.get("DDPM_BENCH_FULL") == "1"
 QUICK_CASE = ("cifar10-compact", 2)

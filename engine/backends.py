@@ -128,12 +128,11 @@ def build_backend(ckpt: Checkpoint, name: str, device: torch.device, precision: 
     (default: on CUDA). image_steps: the run's images x steps, for `auto` on the CPU.
     """
     device = torch.device(device)
-    if not isinstance(ckpt.model, UNet):  # an exported model: it is its own backend
-        kind = "tensorrt" if type(ckpt.model).__name__.startswith("TensorRT") else "onnx"
-        if name not in ("auto", kind):
-            raise BackendError(f"this checkpoint is a {kind} export: use --backend {kind} (or auto), "
+    if ckpt.runtime != "pytorch":  # an exported model: it is its own backend
+        if name not in ("auto", ckpt.runtime):
+            raise BackendError(f"this checkpoint is a {ckpt.runtime} export: use --backend {ckpt.runtime} (or auto), "
                                f"or pass the .safetensors checkpoint for --backend {name}")
-        return Backend(f"{kind}-{getattr(ckpt.model, 'precision', 'fp16')}", ckpt.model)
+        return Backend(f"{ckpt.runtime}-{ckpt.precision}", ckpt.model)
     name = resolve_backend(name, device, image_steps)
     precision = resolve_precision(precision, device)
     dtype = DTYPES[precision]
@@ -168,8 +167,8 @@ def build_backend(ckpt: Checkpoint, name: str, device: torch.device, precision: 
 
 def onnx_from_checkpoint(ckpt: Checkpoint, device: torch.device, fp16: bool = False):
     """Export the checkpoint to a temporary verified .onnx file and open it in ONNX Runtime."""
-    from export.onnx_export import ExportError, export_onnx
-    from export.onnx_runtime import load_onnx
+    from engine.runtimes.onnx_export import ExportError, export_onnx
+    from engine.runtimes.onnx import load_onnx
 
     with tempfile.TemporaryDirectory(prefix="ddpm-onnx-") as folder:
         path = Path(folder) / "model.onnx"

@@ -26,9 +26,22 @@ class CheckpointError(Exception):
 
 @dataclass
 class Checkpoint:
+    """What a sampler needs: the eps model, the diffusion config and the class names.
+
+    runtime says what `model` is: "pytorch" (the reference UNet, from a .safetensors file),
+    "onnx" (an ONNX Runtime session) or "tensorrt" (a TensorRT engine); exported models are
+    callables eps(x, t, y) with a `config`, run in `precision`.
+    """
+
     model: UNet
     diffusion: DiffusionConfig
     class_names: tuple[str, ...]
+    runtime: str = "pytorch"
+    precision: str = "fp32"
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.config
 
 
 def save_checkpoint(path: str | os.PathLike, model: UNet, diffusion: DiffusionConfig,
@@ -94,6 +107,19 @@ def configs_from_metadata(metadata: dict[str, str], path: str | os.PathLike
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path} has invalid metadata: {e}") from None
     return config, diffusion, class_names
+
+
+def open_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> Checkpoint:
+    """A checkpoint of any kind, by its suffix: an exported .onnx file (ONNX Runtime), a .plan
+    (TensorRT), else a .safetensors checkpoint."""
+    match Path(path).suffix:
+        case ".onnx":
+            from engine.runtimes.onnx import load_onnx
+            return load_onnx(path, device)
+        case ".plan":
+            from engine.runtimes.tensorrt import load_plan
+            return load_plan(path, device)
+    return load_checkpoint(path, device)
 
 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> Checkpoint:

@@ -16,7 +16,8 @@ import torch
 from engine import distributed
 from engine.backends import BACKENDS, PRECISIONS, build_backend
 from engine.bench import BENCH_BACKENDS, bench, format_header
-from engine.checkpoint import Checkpoint, CheckpointError, atomic_write, load_checkpoint
+from engine.checkpoint import Checkpoint, CheckpointError, atomic_write, open_checkpoint
+from engine.clitools import Parser, UsageError, float_range, int_range, non_negative_float, run_main
 from engine.config import PRESETS
 from engine.datasets import SPLITS, DataError, ImageSource, open_images
 from engine.fid import (BACKENDS as FID_BACKENDS, NO_CLASSIFIER, PREPROCESSING, FidError, InceptionNetwork, Stats,
@@ -42,54 +43,13 @@ EXAMPLES = """examples:
 """
 
 
-class UsageError(Exception):
-    """Bad command-line input, found after parsing (e.g. a class the checkpoint doesn't have)."""
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is ONE line on stderr (and exit status 2)."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def int_range(lo: int, hi: int | None = None):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < lo or (hi is not None and value > hi):
-            raise argparse.ArgumentTypeError(f"{value} is out of range [{lo}, {hi if hi is not None else 'inf'}]")
-        return value
-    return parse
-
-
-def non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a number") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{value} is not a finite number")
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 0")
-    return value
-
-
 MAX_GUIDANCE = 100.0  # far past any useful scale (papers use up to ~10); beyond it images saturate to garbage
-
-
-def guidance_scale(text: str) -> float:
-    value = non_negative_float(text)
-    if value > MAX_GUIDANCE:
-        raise argparse.ArgumentTypeError(f"{value} is out of range [0, {MAX_GUIDANCE:g}]")
-    return value
+guidance_scale = float_range(0.0, MAX_GUIDANCE)
 
 
 def build_parser() -> Parser:
     parser = Parser(prog="ddpm-engine", description="Sample class-conditional DDPM images with classifier-free guidance.",
-                    epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+                    epilog=EXAMPLES)
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     def common(p: argparse.ArgumentParser) -> None:
@@ -107,8 +67,7 @@ def build_parser() -> Parser:
                        help="for engine, eager and compile (default: auto = bf16 on CUDA, fp32 on the CPU)")
         p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
-    sample = commands.add_parser("sample", help="sample N images", epilog=EXAMPLES,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sample = commands.add_parser("sample", help="sample N images", epilog=EXAMPLES)
     common(sample)
     sample.add_argument("-n", type=int_range(1), default=None, help="number of images (default: 10 per class)")
     sample.add_argument("--classes", default=None, help="comma-separated class indices or names (default: all)")
@@ -127,7 +86,7 @@ def build_parser() -> Parser:
     sample.add_argument("--out", type=Path, default=Path("samples"), help="output folder (default: ./samples)")
 
     interp = commands.add_parser("interpolate", help="interpolate between pairs of samples (lerp and slerp)",
-                                 epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+                                 epilog=EXAMPLES)
     common(interp)
     interp.add_argument("--class", dest="class_name", default="0", help="class index or name (default: 0)")
     interp.add_argument("--pairs", type=int_range(1), default=1, help="pairs of end points (default: 1)")
@@ -136,7 +95,7 @@ def build_parser() -> Parser:
     interp.add_argument("--out", type=Path, default=Path("interpolation"), help="output folder (default: ./interpolation)")
 
     bench_cmd = commands.add_parser("bench", help="per-step latency and images/s of each backend, same run",
-                                    epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+                                    epilog=EXAMPLES)
     bench_cmd.add_argument("--preset", choices=list(PRESETS), default="ddpm-cifar10", help="default: ddpm-cifar10")
     bench_cmd.add_argument("--batch-sizes", type=batch_list, default=[2, 256, 1024],
                            help="U-Net batches (2 x images under guidance), comma-separated (default: 2,256,1024)")
@@ -162,7 +121,7 @@ def build_parser() -> Parser:
         p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
     fid_cmd = commands.add_parser("fid", help="FID (and IS) of samples against a reference, into fid.json",
-                                  epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+                                  epilog=EXAMPLES)
     fid_cmd.add_argument("samples", type=Path,
                          help="a samples.npz, a folder holding one (as `ddpm-engine sample` writes), or a folder of images")
     fid_cmd.add_argument("--ref", type=Path, required=True,
@@ -170,7 +129,7 @@ def build_parser() -> Parser:
     evaluation(fid_cmd)
 
     ref_cmd = commands.add_parser("fid-ref", help="reference statistics (mu, sigma) of a data set, for fid",
-                                  epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+                                  epilog=EXAMPLES)
     ref_cmd.add_argument("data", type=Path,
                          help="a samples.npz, a folder or .tar(.gz) of images, cifar-10-python.tar.gz or cifar-10-batches-py/")
     ref_cmd.add_argument("--out", type=Path, required=True, help="the statistics file to write (.npz)")
@@ -196,21 +155,14 @@ def backend_list(text: str) -> list[str]:
     return names
 
 
-def open_checkpoint(path: Path | None, device: torch.device) -> Checkpoint:
-    """A .safetensors checkpoint, or an exported .onnx (ONNX Runtime) or .plan (TensorRT) file."""
+def open_model(path: Path | None, device: torch.device) -> Checkpoint:
+    """--checkpoint of any kind (engine.checkpoint.open_checkpoint), or the bundled model."""
     if path is None:
         if not BUNDLED_CHECKPOINT.is_file():
             raise UsageError("this install has no bundled model yet; pass --checkpoint PATH "
                              "(the README's \"Train your own\" makes one in a few minutes)")
         path = BUNDLED_CHECKPOINT
-    match path.suffix:
-        case ".onnx":
-            from export.onnx_runtime import load_onnx
-            return load_onnx(path, device)
-        case ".plan":
-            from export.tensorrt import load_plan
-            return load_plan(path, device)
-    return load_checkpoint(path, device)
+    return open_checkpoint(path, device)
 
 
 def parse_classes(text: str | None, class_names: tuple[str, ...]) -> list[int]:
@@ -240,7 +192,7 @@ def cmd_sample(args) -> None:
     world = distributed.init(device.type)
     try:
         device = distributed.device_for(world, device)
-        ckpt = open_checkpoint(args.checkpoint, device)
+        ckpt = open_model(args.checkpoint, device)
         classes = parse_classes(args.classes, ckpt.class_names)
         check_steps(args.steps, ckpt.diffusion.num_timesteps)
         n = args.n if args.n is not None else 10 * len(classes)
@@ -270,7 +222,7 @@ def cmd_sample(args) -> None:
 def cmd_interpolate(args) -> None:
     check_writable(args.out)
     device = distributed.resolve_device(args.device)
-    ckpt = open_checkpoint(args.checkpoint, device)
+    ckpt = open_model(args.checkpoint, device)
     (class_index,) = parse_classes(args.class_name, ckpt.class_names)
     check_steps(args.steps, ckpt.diffusion.num_timesteps)
     # One batch of 2 * pairs * frames, through the backend's eps model (no graphs: one run).
@@ -380,18 +332,14 @@ def cmd_fid_ref(args) -> None:
     print(f"wrote {args.out}: statistics of {stats.count} images ({stats.source}{score}; {network.backend})")
 
 
+COMMANDS = {"sample": cmd_sample, "interpolate": cmd_interpolate, "bench": cmd_bench, "fid": cmd_fid,
+            "fid-ref": cmd_fid_ref}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        {"sample": cmd_sample, "interpolate": cmd_interpolate, "bench": cmd_bench, "fid": cmd_fid,
-         "fid-ref": cmd_fid_ref}[args.command](args)
-    except (UsageError, CheckpointError, DataError, FidError, OSError, ValueError) as e:
-        print(f"ddpm-engine {args.command}: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"ddpm-engine {args.command}: interrupted; nothing was written", file=sys.stderr)
-        return 130
-    return 0
+    return run_main(f"ddpm-engine {args.command}", lambda: COMMANDS[args.command](args),
+                    (UsageError, CheckpointError, DataError, FidError, OSError, ValueError))
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 from engine.checkpoint import CheckpointError, load_checkpoint
-from engine.cli import Parser
-from export.onnx_export import DEFAULT_OPSET, OPSETS, ExportError, export_onnx
+from engine.clitools import Parser, run_main
+from engine.runtimes.onnx_export import DEFAULT_OPSET, OPSETS, ExportError, export_onnx
 from export.tensorrt import build_plan, require_tensorrt
 
 EXAMPLES = """examples:
@@ -31,7 +31,7 @@ def opset(text: str) -> int:
 def build_parser() -> Parser:
     parser = Parser(prog="ddpm-export", description="Export a ddpm-engine checkpoint to ONNX (verified with "
                     "ONNX Runtime) and optionally build a TensorRT engine from it.",
-                    epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+                    epilog=EXAMPLES)
     parser.add_argument("--checkpoint", type=Path, required=True, help="the .safetensors checkpoint to export")
     parser.add_argument("--fp16", action="store_true",
                         help="fp16 weights and activations (GroupNorm statistics and softmax stay fp32)")
@@ -68,17 +68,8 @@ def run(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except (CheckpointError, ExportError, OSError, ValueError, RuntimeError) as e:
-        # TensorRTUnavailable is a CheckpointError: it says what is missing.
-        print(f"ddpm-export: error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}",
-              file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("ddpm-export: interrupted; nothing was written", file=sys.stderr)
-        return 130
-    return 0
+    # TensorRTUnavailable is a CheckpointError: it says what is missing.
+    return run_main("ddpm-export", lambda: run(args), (CheckpointError, ExportError, OSError, ValueError, RuntimeError))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from engine.checkpoint import CheckpointError
-from engine.cli import Parser, int_range, non_negative_float
+from engine.clitools import Parser, at_least_one, below_one, int_range, non_negative_float, positive_float, run_main, unit_float
 from engine.config import PRESETS
 from engine.fid import FidError
 from training.data import DATASETS, DatasetError
@@ -39,37 +39,9 @@ EXAMPLES = """examples:
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 
 
-def positive_float(text: str) -> float:
-    value = non_negative_float(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("must be > 0")
-    return value
-
-
-def unit_float(text: str) -> float:
-    value = non_negative_float(text)
-    if value > 1:
-        raise argparse.ArgumentTypeError(f"{value} must be in [0, 1]")
-    return value
-
-
-def below_one(text: str) -> float:
-    value = non_negative_float(text)
-    if value >= 1:
-        raise argparse.ArgumentTypeError(f"{value} must be in [0, 1)")
-    return value
-
-
-def at_least_one(text: str) -> float:
-    value = non_negative_float(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
-    return value
-
-
 def build_parser() -> Parser:
     d = DEFAULTS
-    parser = Parser(prog="ddpm-train", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser = Parser(prog="ddpm-train", epilog=EXAMPLES,
                     description="Train a class-conditional DDPM with classifier-free guidance (label dropping), "
                                 "Eq. 6 warm-up, EMA and resumable checkpoints. Writes OUT/model.safetensors "
                                 "(EMA weights, loadable by ddpm-engine), OUT/state.safetensors (for --resume), "
@@ -167,22 +139,19 @@ def make_config(args: argparse.Namespace) -> TrainConfig:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    rank = os.environ.get("RANK", "0")
+
+    def command() -> None:
+        path = train(make_config(args))
+        if rank == "0":
+            print(f"wrote {path}")
+
     try:
-        config = make_config(args)
-        path = train(config)
-    except OtherRankFailed:
+        return run_main("ddpm-train" if rank == "0" else f"ddpm-train [rank {rank}]", command,
+                        (DatasetError, StateError, CheckpointError, FidError, OSError, ValueError),
+                        interrupted=f"interrupted; the last checkpoint in {args.out} is intact (continue with --resume)")
+    except OtherRankFailed:  # that rank printed the error
         return 1
-    except (DatasetError, StateError, CheckpointError, FidError, OSError, ValueError) as e:
-        rank = os.environ.get("RANK", "0")
-        print(f"ddpm-train{'' if rank == '0' else f' [rank {rank}]'}: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"ddpm-train: interrupted; the last checkpoint in {args.out} is intact (continue with --resume)",
-              file=sys.stderr)
-        return 130
-    if os.environ.get("RANK", "0") == "0":
-        print(f"wrote {path}")
-    return 0
 
 
 if __name__ == "__main__":

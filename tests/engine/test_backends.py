@@ -60,7 +60,7 @@ def test_engine_backend_in_the_interpreter(checkpoint, eager_images, tmp_path):
 
 def test_exported_onnx_checkpoint_samples_like_eager(checkpoint, eager_images, tmp_path):
     pytest.importorskip("onnxruntime")
-    from export.onnx_export import export_onnx
+    from engine.runtimes.onnx_export import export_onnx
 
     onnx_path = tmp_path / "tiny.onnx"
     export_onnx(load_checkpoint(checkpoint), onnx_path)
@@ -96,8 +96,8 @@ def test_refusals_are_one_line(checkpoint, tmp_path, capsys, monkeypatch):
 
 def test_an_onnx_checkpoint_only_runs_on_onnx(checkpoint, tmp_path):
     pytest.importorskip("onnxruntime")
-    from export.onnx_export import export_onnx
-    from export.onnx_runtime import load_onnx
+    from engine.runtimes.onnx_export import export_onnx
+    from engine.runtimes.onnx import load_onnx
 
     path = tmp_path / "m.onnx"
     export_onnx(load_checkpoint(checkpoint), path)

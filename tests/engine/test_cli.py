@@ -64,7 +64,7 @@ def test_interpolate_writes_a_grid(checkpoint, tmp_path):
     (["--classes", "10"], "unknown class '10'"),
     (["--steps", "51"], "exceeds the model's T = 50"),
     (["--steps", "0"], "out of range"),
-    (["--guidance", "-1"], "must be >= 0"),
+    (["--guidance", "-1"], "-1 is out of range [0, 100]"),
     (["--eta", "nan"], "not a finite number"),
     (["--eta", "inf"], "not a finite number"),
     (["--guidance", "inf"], "not a finite number"),

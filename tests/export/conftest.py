@@ -7,7 +7,7 @@ from engine.checkpoint import load_checkpoint, save_checkpoint
 from engine.config import CIFAR10_CLASSES, PRESETS, DiffusionConfig
 from engine.model import UNet
 from export.cli import main as export_main
-from export.onnx_export import export_onnx
+from engine.runtimes.onnx_export import export_onnx
 
 
 @pytest.fixture(scope="session")

@@ -11,10 +11,10 @@ from onnx import TensorProto, helper, shape_inference
 
 from engine.checkpoint import CheckpointError, save_checkpoint
 from engine.generate import SampleSettings, generate
-from export import onnx_export
+from engine.runtimes import onnx_export
 from export.cli import main as export_main
-from export.onnx_export import export_module, random_inputs, relative_error
-from export.onnx_runtime import load_onnx
+from engine.runtimes.onnx_export import export_module, random_inputs, relative_error
+from engine.runtimes.onnx import load_onnx
 
 TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2}
 

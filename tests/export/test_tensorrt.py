@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from engine.checkpoint import CheckpointError
-from export import tensorrt as trt_backend
+from engine.runtimes import tensorrt as trt_runtime
 from export.cli import main as export_main
-from export.onnx_export import random_inputs, relative_error
-from export.tensorrt import TensorRTUnavailable, build_plan, load_plan, read_plan, require_tensorrt, write_plan
+from engine.runtimes.onnx_export import random_inputs, relative_error
+from engine.runtimes.tensorrt import TensorRTUnavailable, load_plan, read_plan, require_tensorrt
+from export.tensorrt import build_plan, write_plan
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 
@@ -87,7 +88,7 @@ def test_tensorrt_engine_matches_eager(tiny, onnx_fp16, tmp_path):
     ckpt = load_plan(plan, "cuda")
     assert ckpt.model.config == tiny.model.config and ckpt.diffusion == tiny.diffusion
     model = copy.deepcopy(tiny.model).cuda()
-    largest = trt_backend.BATCH_BUCKETS[-1]
+    largest = trt_runtime.BATCH_BUCKETS[-1]
     for batch in (1, 9, 70, largest + 3):  # every profile, and a batch run in chunks
         x, t, y = (v.cuda() for v in random_inputs(tiny.model.config, batch, batch, tiny.diffusion.num_timesteps))
         with torch.no_grad():

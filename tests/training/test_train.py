@@ -199,7 +199,7 @@ def one_error_line(capsys) -> str:
 @pytest.mark.parametrize("argv, message", [
     (["--preset", "huge", "--dataset", "synthetic"], "invalid choice: 'huge'"),
     (["--preset", "tiny", "--dataset", "synthetic", "--steps", "-1"], "out of range"),
-    (["--preset", "tiny", "--dataset", "synthetic", "--p-uncond", "1.5"], "must be in [0, 1]"),
+    (["--preset", "tiny", "--dataset", "synthetic", "--p-uncond", "1.5"], "1.5 is out of range [0, 1]"),
 ])
 def test_bad_arguments(tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as e:

@@ -1,7 +1,9 @@
 """Run an exported `.onnx` file as the engine's epsilon model, through ONNX Runtime.
 
 `load_onnx(path, device)` returns the same `Checkpoint` as `engine.checkpoint.load_checkpoint`,
-with a callable eps(x, t, y) in place of the U-Net, so the engine's samplers run unchanged.
+with a callable eps(x, t, y) in place of the U-Net (and runtime "onnx"), so the engine's
+samplers run unchanged. export/onnx_export.py writes the file and verifies it through
+`open_session`.
 On a CUDA device with onnxruntime-gpu installed the CUDA provider runs the graph with I/O
 bound to the torch tensors (no host copies, on torch's current stream); otherwise the CPU
 provider runs it and the tensors are copied through host memory.
@@ -104,5 +106,6 @@ def load_onnx(path: str | os.PathLike, device: str | torch.device = "cpu") -> Ch
     inputs = tuple(i.name for i in session.get_inputs())
     if inputs != INPUT_NAMES or [o.name for o in session.get_outputs()] != [OUTPUT_NAME]:
         raise CheckpointError(f"{path}: graph has inputs {inputs}, expected {INPUT_NAMES} -> {OUTPUT_NAME}")
-    return Checkpoint(OnnxEpsilonModel(session, config, device, metadata.get("precision", "fp32")),
-                      diffusion, class_names)
+    precision = metadata.get("precision", "fp32")
+    return Checkpoint(OnnxEpsilonModel(session, config, device, precision), diffusion, class_names,
+                      runtime="onnx", precision=precision)

@@ -1,5 +1,8 @@
 """Export the U-Net epsilon model to ONNX, then verify the file against PyTorch.
 
+`ddpm-export` writes these files for deployment; `--backend onnx` (engine.backends) makes one
+for a .safetensors checkpoint on the fly, then runs it through engine/runtimes/onnx.py.
+
 The graph has inputs x (float32, B x C x H x W), t (int64, B) and class (int64, B) and
 one output eps (float32, B x C x H x W), with the batch dimension B dynamic (the sampler
 sends 2B images under guidance). The model config, the diffusion config and the class
@@ -38,7 +41,7 @@ from torch import nn
 
 from engine.checkpoint import FORMAT, Checkpoint, atomic_write
 from engine.model import AttnBlock, GroupNorm32, UNet
-from export.onnx_runtime import INPUT_NAMES, OUTPUT_NAME, open_session
+from engine.runtimes.onnx import INPUT_NAMES, OUTPUT_NAME, open_session
 
 # Opset 17: before GroupNormalization (18/21) and the ReduceMean axes-as-input change (18);
 # accepted by ONNX Runtime >= 1.12 and TensorRT 8.6 and 10.

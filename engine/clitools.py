@@ -1,0 +1,87 @@
+"""What the three command lines (`ddpm-engine`, `ddpm-export`, `ddpm-train`) share: a parser
+whose usage errors are one line, validators for flag values, and the `main()` wrapper that
+turns an expected failure into one `PROG: error: ...` line and a non-zero exit."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from typing import Callable
+
+MAX_MESSAGE = 300  # characters of an error line: a message never echoes a whole file or flag back
+
+
+class UsageError(Exception):
+    """Bad command-line input, found after parsing (e.g. a class the checkpoint doesn't have)."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with usage examples kept as written, and a usage error as ONE line on stderr (exit 2)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {one_line(message)}\n")
+
+
+def one_line(message: object) -> str:
+    """The first line of a message, at most MAX_MESSAGE characters."""
+    text = str(message).strip()
+    line = text.splitlines()[0] if text else ""
+    return line if len(line) <= MAX_MESSAGE else line[:MAX_MESSAGE - 3] + "..."
+
+
+def run_main(prog: str, command: Callable[[], object], errors: tuple[type[BaseException], ...],
+             interrupted: str = "interrupted; nothing was written") -> int:
+    """Run `command`; an exception of a type in `errors` is one error line and exit 1, Ctrl-C is
+    one line and exit 130 (`interrupted` says what was kept)."""
+    try:
+        command()
+    except errors as e:
+        print(f"{prog}: error: {one_line(e) or type(e).__name__}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{prog}: {interrupted}", file=sys.stderr)
+        return 130
+    return 0
+
+
+def int_range(lo: int, hi: int | None = None):
+    """An integer flag in [lo, hi] (hi None: no upper bound)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text[:40]!r} is not an integer") from None
+        if value < lo or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"{value} is out of range [{lo}, {hi if hi is not None else 'inf'}]")
+        return value
+    return parse
+
+
+def float_range(lo: float = 0.0, hi: float | None = None, lo_open: bool = False, hi_open: bool = False):
+    """A finite float flag in the interval from lo to hi, each end closed unless *_open."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a number") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{value} is not a finite number")
+        below = value <= lo if lo_open else value < lo
+        above = hi is not None and (value >= hi if hi_open else value > hi)
+        if below or above:
+            interval = f"{'(' if lo_open else '['}{lo:g}, {'inf' if hi is None else f'{hi:g}'}{')' if hi_open or hi is None else ']'}"
+            raise argparse.ArgumentTypeError(f"{value:g} is out of range {interval}")
+        return value
+    return parse
+
+
+non_negative_float = float_range(0.0)
+positive_float = float_range(0.0, lo_open=True)
+unit_float = float_range(0.0, 1.0)
+below_one = float_range(0.0, 1.0, hi_open=True)
+at_least_one = float_range(1.0)
