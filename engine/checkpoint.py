@@ -5,6 +5,7 @@ diffusion config and the class names in its metadata. Loading never unpickles.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -18,6 +19,9 @@ from engine.config import DiffusionConfig, ModelConfig
 from engine.model import UNet
 
 FORMAT = "ddpm-engine/1"
+MAX_HEADER = 100_000_000  # bytes of JSON header safetensors itself accepts
+MAX_NAME = 200  # characters of a class name
+FLOAT_DTYPES = {"F32": 4, "F16": 2, "BF16": 2}  # safetensors dtype: bytes an element
 
 
 class CheckpointError(Exception):
@@ -76,37 +80,97 @@ def atomic_write(path: str | os.PathLike, write) -> None:
         raise
 
 
-def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+def read_header(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, dict], int]:
+    """(metadata, tensor entries, size of the data section) of a ddpm-engine .safetensors file,
+    from its JSON header alone: nothing is allocated for the tensors."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         with open(path, "rb") as f:
             header_len = int.from_bytes(f.read(8), "little")
-            if not 0 < header_len <= min(100_000_000, path.stat().st_size - 8):
+            if not 0 < header_len <= min(MAX_HEADER, path.stat().st_size - 8):
                 raise ValueError
             header = json.loads(f.read(header_len))
-    except (ValueError, UnicodeDecodeError, OSError):
+        if not isinstance(header, dict):
+            raise ValueError
+    except (ValueError, UnicodeDecodeError, OSError, RecursionError):
         raise CheckpointError(f"{path} is not a safetensors file (truncated or another format)") from None
-    metadata = header.get("__metadata__") or {}
-    if metadata.get("format") != FORMAT:
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
         raise CheckpointError(f"{path} is a safetensors file but not a ddpm-engine checkpoint (no '{FORMAT}' metadata)")
-    return metadata
+    if not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{path} has invalid metadata: values must be strings")
+    return metadata, header, path.stat().st_size - 8 - header_len
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    return read_header(path)[0]
 
 
 def configs_from_metadata(metadata: dict[str, str], path: str | os.PathLike
                           ) -> tuple[ModelConfig, DiffusionConfig, tuple[str, ...]]:
     """The model config, diffusion config and class names of a ddpm-engine file's metadata
-    (a .safetensors checkpoint, an exported .onnx or a .plan), validated."""
+    (a .safetensors checkpoint, an exported .onnx or a .plan), validated: types, ranges, a
+    bounded model size, and one name per class."""
     try:
         config = ModelConfig.from_json(metadata["model_config"])
         diffusion = DiffusionConfig.from_json(metadata["diffusion_config"])
-        class_names = tuple(json.loads(metadata["class_names"]))
         config.validate()
         diffusion.validate()
-    except (KeyError, TypeError, ValueError) as e:
+        class_names = json.loads(metadata["class_names"])
+        if not isinstance(class_names, list) or not all(isinstance(n, str) and 0 < len(n) <= MAX_NAME
+                                                        for n in class_names):
+            raise ValueError(f"class_names must be a list of names of 1 to {MAX_NAME} characters")
+        if len(class_names) != config.num_classes:
+            raise ValueError(f"{len(class_names)} class names for {config.num_classes} classes")
+        if len(set(class_names)) != len(class_names):
+            raise ValueError("class names repeat")
+    except KeyError as e:
+        raise CheckpointError(f"{path} has invalid metadata: no {e}") from None
+    except (TypeError, ValueError, RecursionError) as e:
         raise CheckpointError(f"{path} has invalid metadata: {e}") from None
-    return config, diffusion, class_names
+    return config, diffusion, tuple(class_names)
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The state_dict shapes of UNet(config), from a model built on the meta device (no memory)."""
+    with torch.device("meta"):
+        return {name: tuple(t.shape) for name, t in UNet(config).state_dict().items()}
+
+
+def check_tensors(path: Path, tensors: dict[str, dict], data_size: int, config: ModelConfig) -> None:
+    """Refuse a header whose tensors are not those of UNet(config) in a float dtype, or whose
+    offsets do not tile the file's data section: before anything is allocated."""
+    expected = expected_shapes(config)
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    wrong_shape, wrong_dtype, bad_offsets = [], [], []
+    spans = []
+    for name in sorted(expected.keys() & tensors.keys()):
+        entry = tensors[name]
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        if not isinstance(shape, list) or tuple(shape) != expected[name]:
+            wrong_shape.append(name)
+            continue
+        if entry.get("dtype") not in FLOAT_DTYPES:
+            wrong_dtype.append(name)
+            continue
+        offsets = entry.get("data_offsets")
+        size = FLOAT_DTYPES[entry["dtype"]] * math.prod(shape)
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
+                or not 0 <= offsets[0] <= offsets[1] <= data_size or offsets[1] - offsets[0] != size):
+            bad_offsets.append(name)
+            continue
+        spans.append(offsets)
+    problems = [f"{len(v)} {what} (e.g. {v[0][:80]})" for what, v in
+                (("missing", missing), ("unexpected", unexpected), ("wrong-shape", wrong_shape),
+                 ("non-float", wrong_dtype), ("out-of-file", bad_offsets)) if v]
+    if problems:
+        raise CheckpointError(f"{path}: tensors do not match its config: {', '.join(problems)}")
+    spans.sort()
+    if any(a[1] > b[0] for a, b in zip(spans, spans[1:])):
+        raise CheckpointError(f"{path}: tensors overlap in the file")
 
 
 def open_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> Checkpoint:
@@ -123,20 +187,20 @@ def open_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
 
 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> Checkpoint:
-    """Rebuild the model from the file alone; weights come back in float32, in eval mode."""
-    config, diffusion, class_names = configs_from_metadata(read_metadata(path), path)
-    model = UNet(config)
+    """Rebuild the model from the file alone; weights come back in float32, in eval mode.
+
+    Everything is checked before the model is built: the configs' types and ranges, and the
+    header's tensor names, shapes, dtypes and offsets against the shapes the config implies."""
+    metadata, tensors, data_size = read_header(path)
+    config, diffusion, class_names = configs_from_metadata(metadata, path)
+    check_tensors(Path(path), tensors, data_size, config)
     try:
-        tensors = load_file(str(path))
+        weights = load_file(str(path))
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{path} could not be read (truncated?): {e}") from None
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    wrong_shape = [k for k in expected.keys() & tensors.keys() if expected[k].shape != tensors[k].shape]
-    if missing or unexpected or wrong_shape:
-        problems = [f"{len(v)} {what} (e.g. {v[0]})" for what, v in
-                    (("missing", missing), ("unexpected", unexpected), ("wrong-shape", wrong_shape)) if v]
-        raise CheckpointError(f"{path}: tensors do not match its config: {', '.join(problems)}")
-    model.load_state_dict({k: v.float() for k, v in tensors.items()})
+    not_finite = [name for name, t in weights.items() if not torch.isfinite(t).all()]
+    if not_finite:
+        raise CheckpointError(f"{path}: {len(not_finite)} tensors hold NaN or inf (e.g. {not_finite[0]})")
+    model = UNet(config)
+    model.load_state_dict({k: v.float() for k, v in weights.items()})
     return Checkpoint(model.to(device).eval(), diffusion, class_names)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 
 import torch
@@ -42,9 +43,21 @@ class ModelConfig:
         return self.image_size // self.patch_size
 
     def validate(self) -> None:
+        """Types and ranges first (a config may come from a crafted file), then the architecture's rules."""
+        for name in ("image_size", "in_channels", "ch", "num_res_blocks", "num_classes", "num_groups", "patch_size"):
+            check_int(name, getattr(self, name), *MODEL_LIMITS[name])
+        for name, limit in (("ch_mult", 16), ("attn_resolutions", MAX_ATTENTION_SIDE)):
+            values = getattr(self, name)
+            if not isinstance(values, tuple) or len(values) > MAX_LEVELS:
+                raise ValueError(f"{name} must be a list of at most {MAX_LEVELS} integers")
+            for value in values:
+                check_int(name, value, 1, limit)
+        if not self.ch_mult:
+            raise ValueError("ch_mult must name at least one level")
+        check_number("dropout", self.dropout)
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout {self.dropout} is out of range [0, 1)")
         downsamples = len(self.ch_mult) - 1
-        if self.patch_size < 1:
-            raise ValueError("patch_size must be at least 1")
         if self.image_size % (self.patch_size * 2**downsamples):
             raise ValueError(f"image_size {self.image_size} is not divisible by patch_size x 2^{downsamples}")
         for mult in (1, *self.ch_mult):
@@ -52,17 +65,36 @@ class ModelConfig:
                 # One channel a group would normalise away the per-channel embedding added before it.
                 raise ValueError(f"{self.ch * mult} channels do not split into {self.num_groups} groups "
                                  "of at least 2 channels")
-        if self.num_classes < 1:
-            raise ValueError("num_classes must be at least 1")
+        if self.parameter_bound() > MAX_PARAMETERS:
+            raise ValueError(f"the model would have up to {self.parameter_bound():.3g} parameters, "
+                             f"over the limit of {MAX_PARAMETERS:.0e}")
+
+    def parameter_bound(self) -> int:
+        """An upper bound on the U-Net's parameter count, from the config alone (no allocation).
+
+        Every ResBlock is counted at the widest level with the widest input a skip can give it
+        (3x): two 3x3 convolutions, a 1x1 shortcut, the embedding projection, plus an attention
+        block (4 c^2); the stem, the time MLP and the class embedding are exact."""
+        c, emb = self.ch * max(self.ch_mult), self.time_embed_dim
+        blocks = len(self.ch_mult) * (2 * self.num_res_blocks + 2) + 2
+        block = 9 * 3 * c * c + 9 * c * c + 3 * c * c + emb * c + 4 * c * c + 8 * c
+        pixels = self.in_channels * self.patch_size**2
+        return (blocks * block + 2 * 9 * pixels * self.ch + self.ch * emb + emb * emb
+                + (self.num_classes + 1) * emb)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
 
     @classmethod
     def from_json(cls, text: str) -> "ModelConfig":
-        fields = json.loads(text)
+        """The config of a JSON object (missing fields take their defaults); raises ValueError or
+        TypeError on anything else. Call validate() before trusting the values."""
+        fields = json_object(text, cls)
         for key in ("ch_mult", "attn_resolutions"):
-            fields[key] = tuple(fields[key])
+            if key in fields:
+                if not isinstance(fields[key], list):
+                    raise ValueError(f"{key} must be a list of integers")
+                fields[key] = tuple(fields[key])
         return cls(**fields)
 
     @classmethod
@@ -82,10 +114,11 @@ class DiffusionConfig:
     beta_end: float = 0.02
 
     def validate(self) -> None:
-        if self.num_timesteps < 1:
-            raise ValueError("num_timesteps must be at least 1")
+        check_int("num_timesteps", self.num_timesteps, 1, MAX_TIMESTEPS)
         if self.beta_schedule not in ("linear", "cosine"):
-            raise ValueError(f"unknown beta schedule {self.beta_schedule!r}; use linear or cosine")
+            raise ValueError(f"unknown beta schedule {str(self.beta_schedule)[:40]!r}; use linear or cosine")
+        check_number("beta_start", self.beta_start)
+        check_number("beta_end", self.beta_end)
         if self.beta_schedule == "linear" and not 0 < self.beta_start <= self.beta_end < 1:
             raise ValueError("need 0 < beta_start <= beta_end < 1")
 
@@ -94,7 +127,52 @@ class DiffusionConfig:
 
     @classmethod
     def from_json(cls, text: str) -> "DiffusionConfig":
-        return cls(**json.loads(text))
+        return cls(**json_object(text, cls))
+
+
+# Bounds on what a config may ask for, far past every preset, so that a crafted file cannot make
+# the loader allocate gigabytes (the largest preset has 36M parameters).
+MAX_PARAMETERS = 1_000_000_000
+MAX_LEVELS = 8
+MAX_ATTENTION_SIDE = 64  # attention over 64 x 64 = 4096 positions; beyond it the score matrix alone is GBs
+MAX_TIMESTEPS = 100_000
+MODEL_LIMITS = {  # field: (min, max)
+    "image_size": (1, 2048), "in_channels": (1, 64), "ch": (1, 4096), "num_res_blocks": (1, 16),
+    "num_classes": (1, 100_000), "num_groups": (1, 4096), "patch_size": (1, 64),
+}
+
+
+def check_int(name: str, value: object, lo: int, hi: int) -> None:
+    """A real integer (not a bool, not 32.0) in [lo, hi]."""
+    if type(value) is not int:
+        raise ValueError(f"{name} must be an integer, not {short_repr(value)}")
+    if not lo <= value <= hi:
+        raise ValueError(f"{name} {value} is out of range [{lo}, {hi}]")
+
+
+def check_number(name: str, value: object) -> None:
+    """A finite int or float (not a bool, not a string)."""
+    if type(value) not in (int, float) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, not {short_repr(value)}")
+
+
+def short_repr(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def json_object(text: str, cls: type) -> dict:
+    """The fields of a config written as a JSON object; unknown fields are a TypeError."""
+    try:
+        fields = json.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    if not isinstance(fields, dict):
+        raise ValueError(f"{cls.__name__} must be a JSON object, not {type(fields).__name__}")
+    unknown = set(fields) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} field {short_repr(sorted(unknown)[0])}")
+    return fields
 
 
 # The activation dtypes a model can run in (--precision).

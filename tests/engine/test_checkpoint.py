@@ -1,10 +1,11 @@
 import json
+import math
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from engine.checkpoint import CheckpointError, load_checkpoint, read_metadata, save_checkpoint
+from engine.checkpoint import CheckpointError, expected_shapes, load_checkpoint, read_metadata, save_checkpoint
 from engine.config import PRESETS, DiffusionConfig
 from engine.model import UNet
 
@@ -96,3 +97,90 @@ def test_save_is_atomic(tmp_path, tiny, monkeypatch):
         save_checkpoint(path, model, DiffusionConfig(), NAMES)
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+
+
+def write_raw(path, header: object, data: bytes = b"") -> None:
+    """A .safetensors file with any JSON header: 8 bytes of length, the header, the data."""
+    text = json.dumps(header).encode()
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data)
+
+
+def good_metadata(**changes) -> dict[str, str]:
+    model = json.loads(PRESETS["tiny"].to_json()) | changes
+    return {"format": "ddpm-engine/1", "model_config": json.dumps(model),
+            "diffusion_config": DiffusionConfig().to_json(), "class_names": json.dumps(list(NAMES))}
+
+
+@pytest.mark.parametrize("header, message", [
+    ([1, 2, 3], "not a safetensors file"),
+    ({"__metadata__": "ddpm-engine/1"}, "not a ddpm-engine checkpoint"),
+    ({"__metadata__": {"format": "ddpm-engine/1", "model_config": {"ch": 32}}}, "values must be strings"),
+    ({"__metadata__": good_metadata(num_groups=0)}, "num_groups 0 is out of range"),
+    ({"__metadata__": good_metadata(ch=32.0)}, "ch must be an integer, not 32.0"),
+    ({"__metadata__": good_metadata(ch=True)}, "ch must be an integer, not True"),
+    ({"__metadata__": good_metadata(num_classes=1e9)}, "num_classes must be an integer"),
+    ({"__metadata__": good_metadata(num_classes=3)}, "10 class names for 3 classes"),
+    ({"__metadata__": good_metadata(ch=4096, num_groups=32)}, "over the limit"),
+    ({"__metadata__": {**good_metadata(), "diffusion_config": '{"num_timesteps": 1000.5}'}}, "num_timesteps must be"),
+    ({"__metadata__": {**good_metadata(), "class_names": '"airplane"'}}, "class_names must be a list"),
+    ({"__metadata__": {**good_metadata(), "class_names": json.dumps(["a"] * 10)}}, "class names repeat"),
+    ({"__metadata__": {k: v for k, v in good_metadata().items() if k != "class_names"}}, "no 'class_names'"),
+])
+def test_crafted_headers_are_refused_in_one_line(tmp_path, header, message):
+    path = tmp_path / "crafted.safetensors"
+    write_raw(path, header)
+    with pytest.raises(CheckpointError, match=message) as info:
+        load_checkpoint(path)
+    assert "\n" not in str(info.value) and len(str(info.value)) < 300
+
+
+def test_header_tensors_are_checked_against_the_config_before_anything_is_built(tmp_path, tiny, monkeypatch):
+    model, path = tiny
+    metadata = read_metadata(path)
+    shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
+
+    def header(**entries):
+        offset, out = 0, {"__metadata__": metadata}
+        for name, shape in shapes.items():
+            entry = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + 4 * math.prod(shape)]}
+            offset = entry["data_offsets"][1]
+            out[name] = entry | entries.get(name, {})
+        return out, offset
+
+    def built(*args, **kwargs):
+        raise AssertionError("the model was built before the header was checked")
+
+    # The real shapes, without a model: any UNet built while the header is bad fails the test.
+    monkeypatch.setattr("engine.checkpoint.UNet.__init__", built)
+    monkeypatch.setattr("engine.checkpoint.expected_shapes", lambda config: {k: tuple(v) for k, v in shapes.items()})
+    bad = tmp_path / "bad.safetensors"
+    for changes, message in [
+        ({"conv_in.weight": {"shape": [32, 3, 5, 5]}}, "1 wrong-shape \\(e.g. conv_in.weight\\)"),
+        ({"conv_in.weight": {"shape": [10**6, 10**6]}}, "wrong-shape"),
+        ({"conv_in.weight": {"dtype": "I64"}}, "1 non-float"),
+        ({"conv_in.weight": {"data_offsets": [0, 10**12]}}, "out-of-file"),
+    ]:
+        entries, size = header(**changes)
+        write_raw(bad, entries, bytes(size))
+        with pytest.raises(CheckpointError, match=message):
+            load_checkpoint(bad)
+    entries, size = header()
+    write_raw(bad, entries, bytes(size - 4))  # the data is one float short of what the header says
+    with pytest.raises(CheckpointError, match="out-of-file"):
+        load_checkpoint(bad)
+
+
+def test_non_finite_weights_are_refused(tmp_path, tiny):
+    model, path = tiny
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
+    tensors["conv_out.bias"] = tensors["conv_out.bias"].clone()
+    tensors["conv_out.bias"][1] = float("nan")
+    bad = tmp_path / "nan.safetensors"
+    save_file(tensors, bad, metadata=read_metadata(path))
+    with pytest.raises(CheckpointError, match="NaN or inf \\(e.g. conv_out.bias\\)"):
+        load_checkpoint(bad)
+
+
+def test_expected_shapes_are_the_models_without_allocating():
+    config = PRESETS["ddpm-cifar10"]
+    assert expected_shapes(config) == {k: tuple(v.shape) for k, v in UNet(config).state_dict().items()}
