@@ -17,10 +17,12 @@ from __future__ import annotations
 import codecs
 import io
 import pickle
+import struct
 import tarfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Callable, Iterator
+from typing import BinaryIO, Callable, Iterator
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -29,6 +31,7 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 SPLITS = ("train", "test")
 CIFAR10_FOLDER = "cifar-10-batches-py"
 CIFAR10_BATCHES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
+MAX_PIXELS = 8192 * 8192  # pixels of one image (192 MB as RGB); Pillow warns only past 89M
 
 
 class DataError(Exception):
@@ -82,12 +85,41 @@ def describe(path: Path, split: str | None, chosen: int, total: int) -> str:
     return path.name + (f" [{', '.join(notes)}]" if notes else "")
 
 
-def decode(data: bytes, name: str) -> np.ndarray:
+# Anything Pillow's decoders raise on a malformed file (some plugins raise SyntaxError or struct.error).
+DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, struct.error, IndexError,
+                 TypeError, ZeroDivisionError, Image.DecompressionBombError, Image.DecompressionBombWarning)
+
+
+def read_rgb(source: BinaryIO | Path, name: str) -> Image.Image:
+    """An image file as 8-bit RGB, or one DataError line.
+
+    The size is read from the header and checked against MAX_PIXELS before any pixel is
+    decoded (a decompression bomb costs nothing). 16-bit images are scaled to 8 bits
+    (v * 255 / 65535, rounded), never clipped at 255; floating-point images are refused.
+    """
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            return np.asarray(img.convert("RGB"))
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise DataError(f"{name}: not a readable image ({e})") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(source) as img:
+                if img.width * img.height > MAX_PIXELS:
+                    raise DataError(f"{name}: {img.width} x {img.height} pixels is over the limit of "
+                                    f"{MAX_PIXELS} (a decompression bomb, or far larger than a model image)")
+                return _to_rgb8(img, name)
+    except DECODE_ERRORS as e:
+        reason = "over Pillow's size limit" if isinstance(e, (Image.DecompressionBombError,
+                                                               Image.DecompressionBombWarning)) else str(e)[:100]
+        raise DataError(f"{name}: not a readable image ({reason or type(e).__name__})") from None
+
+
+def _to_rgb8(img: Image.Image, name: str) -> Image.Image:
+    if img.mode.startswith("I"):  # I;16*: 16-bit grey; I: 32-bit integers (16-bit PNGs in older Pillow)
+        values = np.asarray(img).astype(np.int64)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise DataError(f"{name}: pixel values beyond 16 bits (mode {img.mode}) are not supported")
+        return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8), "L").convert("RGB")
+    if img.mode == "F":
+        raise DataError(f"{name}: floating-point images (mode F) are not supported; save 8- or 16-bit images")
+    return img.convert("RGB")
 
 
 def stack(images: Iterator[np.ndarray], batch_size: int) -> Iterator[np.ndarray]:
@@ -150,7 +182,7 @@ def _image_folder(path: Path, split: str | None, limit: int | None) -> ImageSour
     chosen = [in_split_files[i] for i in spread(len(in_split_files), limit)]
 
     def read(batch_size: int) -> Iterator[np.ndarray]:
-        return stack((decode((path / name).read_bytes(), str(path / name)) for name in chosen), batch_size)
+        return stack((np.asarray(read_rgb(path / name, str(path / name))) for name in chosen), batch_size)
 
     return ImageSource(path, describe(path, split, len(chosen), len(in_split_files)), len(chosen), read)
 
@@ -175,7 +207,8 @@ def _tar(path: Path, split: str | None, limit: int | None) -> ImageSource:
                 with tarfile.open(path) as tar:
                     for member in tar:
                         if member.name in chosen:
-                            yield decode(tar.extractfile(member).read(), f"{path}:{member.name}")
+                            # Pillow reads the member lazily: a bomb is refused from its header alone.
+                            yield np.asarray(read_rgb(tar.extractfile(member), f"{path}:{member.name}"))
             except (tarfile.TarError, OSError, EOFError) as e:
                 raise DataError(f"{path}: archive became unreadable ({e})") from None
         return stack(members(), batch_size)
@@ -206,23 +239,45 @@ class CifarUnpickler(pickle.Unpickler):
 
 
 def _reconstruct(subtype, shape, dtype):
-    """numpy's pickle constructor for an ndarray, limited to plain ndarrays."""
-    if subtype is not np.ndarray:
-        raise pickle.UnpicklingError("refusing to build an ndarray subclass")
+    """numpy's pickle constructor for an ndarray, limited to what numpy itself writes: an empty
+    plain ndarray that __setstate__ then fills from the pickle's own bytes (so nothing is
+    allocated beyond the file's size)."""
+    if subtype is not np.ndarray or tuple(shape) != (0,):
+        raise pickle.UnpicklingError("refusing to build an ndarray other than numpy's empty placeholder")
     return np.ndarray.__new__(subtype, shape, dtype)
+
+
+def _unpickle_cifar(raw: bytes, where: str) -> tuple[dict, np.ndarray]:
+    """The batch dict of one pickled CIFAR-10 batch, through CifarUnpickler, and its N x 3072 uint8 data."""
+    try:
+        batch = CifarUnpickler(io.BytesIO(raw), encoding="bytes").load()
+        data = np.asarray(batch[b"data"], dtype=np.uint8)
+    except (pickle.UnpicklingError, KeyError, TypeError, ValueError, EOFError, AttributeError, IndexError,
+            MemoryError, RecursionError) as e:
+        raise DataError(f"{where}: not a CIFAR-10 batch ({type(e).__name__}: {str(e)[:100]})") from None
+    if data.ndim != 2 or data.shape[1] != 3072:
+        raise DataError(f"{where}: malformed CIFAR-10 batch (data {data.shape}, expected N x 3072)")
+    return batch, data
 
 
 def read_cifar_batch(raw: bytes, where: str) -> np.ndarray:
     """The N x 32 x 32 x 3 uint8 images of one pickled CIFAR-10 batch."""
-    try:
-        batch = CifarUnpickler(io.BytesIO(raw), encoding="bytes").load()
-        data = np.asarray(batch[b"data"], dtype=np.uint8)
-    except (pickle.UnpicklingError, KeyError, TypeError, ValueError, EOFError, AttributeError, IndexError) as e:
-        raise DataError(f"{where}: not a CIFAR-10 batch ({type(e).__name__}: {e})") from None
-    if data.ndim != 2 or data.shape[1] != 3072:
-        raise DataError(f"{where}: malformed CIFAR-10 batch (data {data.shape}, expected N x 3072)")
+    _, data = _unpickle_cifar(raw, where)
     # Each row is the red, green, then blue 32x32 plane, row-major.
     return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+
+
+def read_cifar_labelled(raw: bytes, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """(N x 3 x 32 x 32 uint8 images, N int64 labels in 0..9) of one pickled CIFAR-10 batch."""
+    batch, data = _unpickle_cifar(raw, where)
+    try:
+        labels = np.asarray(batch[b"labels"], dtype=np.int64)
+    except (KeyError, TypeError, ValueError, OverflowError) as e:
+        raise DataError(f"{where}: not a CIFAR-10 batch (labels: {type(e).__name__})") from None
+    if labels.shape != (len(data),) or labels.min(initial=0) < 0 or labels.max(initial=0) > 9:
+        raise DataError(f"{where}: malformed CIFAR-10 batch ({len(data)} images, labels {labels.shape} "
+                        "must be one of 0..9 each)")
+    return data.reshape(-1, 3, 32, 32), labels
 
 
 def _cifar(path: Path, split: str, limit: int | None,

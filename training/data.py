@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import pickle
 import tarfile
 import urllib.error
 import urllib.request
@@ -19,9 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from engine.config import CIFAR10_CLASSES, STL10_CLASSES
+from engine.datasets import DataError, read_cifar_labelled, read_rgb
 
 DATASETS = ("cifar10", "stl10", "folder", "synthetic")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -96,14 +96,19 @@ def resize(images: torch.Tensor, size: int, chunk: int = 4096) -> torch.Tensor:
 def load_cifar10(data_dir: Path) -> Dataset:
     """The 50,000 training images of the official python archive, downloaded when absent.
 
-    Reads `data_dir/cifar-10-batches-py/` if it was extracted, else the archive itself.
+    Reads `data_dir/cifar-10-batches-py/` if it was extracted, else the archive itself, after
+    checking its published md5. Either way the batches (Python pickles) are read only through
+    engine.datasets' restricted unpickler, which builds plain dicts, lists, bytes and uint8
+    arrays and refuses anything else, so a crafted file cannot run code.
     """
     extracted = data_dir / "cifar-10-batches-py"
     if extracted.is_dir():
         batches = [_read_cifar_batch(extracted.parent / member, lambda p: p.read_bytes()) for member in CIFAR10_MEMBERS]
     else:
         archive = data_dir / CIFAR10_ARCHIVE.filename
-        if not archive.is_file():
+        if archive.is_file():
+            check_md5(archive, CIFAR10_ARCHIVE)
+        else:
             download(CIFAR10_ARCHIVE, archive)
         try:
             with tarfile.open(archive, "r:gz") as tar:
@@ -113,6 +118,19 @@ def load_cifar10(data_dir: Path) -> Dataset:
     images = np.concatenate([b[0] for b in batches])
     labels = np.concatenate([b[1] for b in batches])
     return Dataset(torch.from_numpy(images), torch.from_numpy(labels), CIFAR10_CLASSES)
+
+
+def check_md5(path: Path, archive: Archive) -> None:
+    md5 = hashlib.md5()
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                md5.update(chunk)
+    except OSError as e:
+        raise DatasetError(f"cannot read {path}: {e.strerror}") from None
+    if md5.hexdigest() != archive.md5:
+        raise DatasetError(f"{path} is not the official {archive.filename} (md5 {md5.hexdigest()}, expected "
+                           f"{archive.md5}); delete it to download the real one")
 
 
 def _tar_member(tar: tarfile.TarFile, name: str) -> bytes:
@@ -126,23 +144,15 @@ def _tar_member(tar: tarfile.TarFile, name: str) -> bytes:
 
 
 def _read_cifar_batch(where, read) -> tuple[np.ndarray, np.ndarray]:
+    """(N x 3 x 32 x 32 uint8 images, N labels) of one batch, through the restricted unpickler."""
     try:
         raw = read(where)
     except FileNotFoundError:
         raise DatasetError(f"{where} is missing: the CIFAR-10 folder is incomplete") from None
     try:
-        # The official format is a Python pickle of a dict; there is no other way to read it.
-        # Only the archive named on the command line (or downloaded and checksummed) is read.
-        batch = pickle.loads(raw, encoding="bytes")
-        data = np.asarray(batch[b"data"], dtype=np.uint8)
-        labels = np.asarray(batch[b"labels"], dtype=np.int64)
-    except (pickle.UnpicklingError, KeyError, TypeError, ValueError, EOFError, AttributeError, ImportError) as e:
-        raise DatasetError(f"{where}: not a CIFAR-10 batch ({type(e).__name__}: {e})") from None
-    if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data) or labels.min(initial=0) < 0 \
-            or labels.max(initial=0) > 9:
-        raise DatasetError(f"{where}: malformed CIFAR-10 batch (data {data.shape}, {len(labels)} labels)")
-    # Each row is the red, green, then blue 32x32 plane, row-major.
-    return data.reshape(-1, 3, 32, 32), labels
+        return read_cifar_labelled(raw, str(where))
+    except DataError as e:
+        raise DatasetError(str(e)) from None
 
 
 def download(archive: Archive, dest: Path) -> None:
@@ -222,14 +232,14 @@ def load_folder(root: Path, image_size: int) -> Dataset:
 
 
 def _read_image(path: Path, size: int) -> np.ndarray:
+    """3 x size x size uint8; engine.datasets.read_rgb refuses bombs and scales 16-bit images to 8 bits."""
     try:
-        with Image.open(path) as img:
-            img = img.convert("RGB")
-            if img.size != (size, size):
-                img = img.resize((size, size), Image.BICUBIC, reducing_gap=None)
-            return np.asarray(img).transpose(2, 0, 1)
-    except (UnidentifiedImageError, OSError) as e:
-        raise DatasetError(f"{path}: not a readable image ({e})") from None
+        img = read_rgb(path, str(path))
+    except DataError as e:
+        raise DatasetError(str(e)) from None
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.BICUBIC, reducing_gap=None)
+    return np.asarray(img).transpose(2, 0, 1)
 
 
 # ---- synthetic -------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from engine.datasets import CIFAR10_FOLDER, DataError, open_images, read_cifar_batch, spread
+from tests.training.formats import png
 
 
 def images(n, seed=0, size=8):
@@ -174,3 +175,40 @@ def test_jpeg_member_decodes_like_pil(tmp_path):
     (tmp_path / "a.jpg").write_bytes(buffer.getvalue())
     expected = np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"))
     assert np.array_equal(read_all(open_images(tmp_path))[0], expected)
+
+
+def test_16_bit_pngs_are_scaled_to_8_bits_not_clipped(tmp_path):
+    grey = np.array([[0, 257, 4000, 32768], [40000, 65000, 65535, 128]], dtype=np.uint16)
+    (tmp_path / "grey.png").write_bytes(png(grey, bit_depth=16))
+    got = read_all(open_images(tmp_path))
+    # v * 255 / 65535 rounded, by hand; grey becomes three equal channels.
+    np.testing.assert_array_equal(got[0, :, :, 0], [[0, 1, 16, 128], [156, 253, 255, 0]])
+    assert (got[..., 0] == got[..., 2]).all()
+
+
+@pytest.mark.parametrize("container", ["folder", "tar"])
+def test_decompression_bomb_is_refused_from_its_header(tmp_path, container):
+    bomb = png(np.zeros((1, 1), np.uint8), size=(60_000, 60_000))  # 3.6 G pixels claimed, 70 bytes
+    (tmp_path / "d").mkdir()
+    write_pngs(tmp_path / "d", {"0.png": images(1)[0]})
+    (tmp_path / "d" / "1.png").write_bytes(bomb)
+    source = tmp_path / "d"
+    if container == "tar":
+        source = tmp_path / "d.tar.gz"
+        with tarfile.open(source, "w:gz") as tar:
+            tar.add(tmp_path / "d", arcname="d")
+    with pytest.raises(DataError, match="1.png: not a readable image \\(over Pillow's size limit\\)") as info:
+        read_all(open_images(source))
+    assert "\n" not in str(info.value)
+
+
+def test_restricted_unpickler_builds_only_numpys_empty_placeholder():
+    from engine.datasets import CifarUnpickler, _reconstruct
+    assert _reconstruct(np.ndarray, (0,), "b").shape == (0,)
+    with pytest.raises(pickle.UnpicklingError):
+        _reconstruct(np.ndarray, (10**12,), "b")  # would reserve a terabyte before any data was read
+    with pytest.raises(pickle.UnpicklingError):
+        _reconstruct(np.matrix, (0,), "b")
+    # A real array goes through the placeholder and __setstate__.
+    arr = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    assert np.array_equal(CifarUnpickler(io.BytesIO(pickle.dumps(arr, protocol=2))).load(), arr)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import io
+import os
 import pickle
+import struct
 import tarfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -71,3 +74,42 @@ def write_stl10(root: Path, n_train: int = 3, n_test: int = 2, n_unlabeled: int 
             y.tofile(folder / f"{split}_y.bin")
             labels.append(y.astype(np.int64) - 1)
     return np.concatenate(images), np.concatenate(labels)
+
+
+def png(pixels: np.ndarray, bit_depth: int = 8, size: tuple[int, int] | None = None) -> bytes:
+    """A PNG written by hand: grey (H x W) or RGB (H x W x 3) pixels at 8 or 16 bits. `size`
+    (width, height) overrides the header's dimensions: with a bigger size the header claims
+    pixels the file does not hold (a decompression bomb is all header)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    height, width = pixels.shape[:2]
+    width, height = size or (width, height)
+    colour = 2 if pixels.ndim == 3 else 0
+    rows = pixels.astype(">u2" if bit_depth == 16 else np.uint8).reshape(len(pixels), -1)
+    raw = b"".join(b"\x00" + row.tobytes() for row in rows)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, bit_depth, colour, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+class Exploit:
+    """Unpickling it runs `touch marker` (harmless, and visible)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def crafted_cifar10(root: Path, marker: Path, extracted: bool) -> Path:
+    """A CIFAR-10 folder or archive whose data_batch_1 runs code when plainly unpickled."""
+    path = write_cifar10(root, extracted=extracted)[0]
+    evil = pickle.dumps({b"data": Exploit(marker), b"labels": [0]}, protocol=2)
+    if extracted:
+        (path / "data_batch_1").write_bytes(evil)
+        return path
+    with tarfile.open(path, "w:gz") as tar:
+        info = tarfile.TarInfo("cifar-10-batches-py/data_batch_1")
+        info.size = len(evil)
+        tar.addfile(info, io.BytesIO(evil))
+    return path

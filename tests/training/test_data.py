@@ -1,4 +1,6 @@
 import hashlib
+import pickle
+import tarfile
 
 import numpy as np
 import pytest
@@ -8,12 +10,20 @@ from PIL import Image
 from engine.config import CIFAR10_CLASSES, STL10_CLASSES
 from training import data
 from training.data import Archive, DatasetError, load_dataset, make_synthetic, resize
-from tests.training.formats import write_cifar10, write_stl10
+from tests.training.formats import crafted_cifar10, png, write_cifar10, write_stl10
+
+
+def trust(monkeypatch, archive):
+    """Make `archive` (a test's own) the official cifar-10-python.tar.gz as far as its md5 goes."""
+    md5 = hashlib.md5(archive.read_bytes()).hexdigest()
+    monkeypatch.setattr(data, "CIFAR10_ARCHIVE", Archive("file:///nowhere", "cifar-10-python.tar.gz", md5))
 
 
 @pytest.mark.parametrize("extracted", [False, True])
-def test_cifar10_official_format(tmp_path, extracted):
-    _, images, labels = write_cifar10(tmp_path, per_batch=3, extracted=extracted)
+def test_cifar10_official_format(tmp_path, monkeypatch, extracted):
+    path, images, labels = write_cifar10(tmp_path, per_batch=3, extracted=extracted)
+    if not extracted:
+        trust(monkeypatch, path)
     ds = load_dataset("cifar10", tmp_path, 32)
     assert ds.images.dtype == torch.uint8 and ds.images.shape == (15, 3, 32, 32)
     np.testing.assert_array_equal(ds.images.numpy(), images)  # red, green, blue planes, row-major
@@ -45,17 +55,56 @@ def test_cifar10_download_failure_is_a_dataset_error(tmp_path, monkeypatch):
         load_dataset("cifar10", tmp_path / "data", 32)
 
 
-@pytest.mark.parametrize("damage", ["garbage", "missing-member", "bad-pickle"])
-def test_cifar10_malformed(tmp_path, damage):
+@pytest.mark.parametrize("damage, message", [
+    ("garbage", "not a readable cifar-10-python.tar.gz"),
+    ("missing-member", "has no file cifar-10-batches-py/data_batch_3"),
+    ("bad-pickle", "data_batch_2: not a CIFAR-10 batch"),
+    ("label-10", "data_batch_1: malformed CIFAR-10 batch"),
+    ("no-labels", "data_batch_1: not a CIFAR-10 batch \\(labels"),
+])
+def test_cifar10_malformed(tmp_path, monkeypatch, damage, message):
     if damage == "garbage":
         (tmp_path / "cifar-10-python.tar.gz").write_bytes(b"not a tarball at all")
+        trust(monkeypatch, tmp_path / "cifar-10-python.tar.gz")
     elif damage == "missing-member":
-        write_cifar10(tmp_path, drop="data_batch_3")
+        trust(monkeypatch, write_cifar10(tmp_path, drop="data_batch_3")[0])
     else:
         folder = write_cifar10(tmp_path, extracted=True)[0]
-        (folder / "data_batch_2").write_bytes(b"\x80\x02}q\x00.")  # a pickled empty dict
-    with pytest.raises(DatasetError, match="cifar|CIFAR"):
+        batch = {b"data": np.zeros((2, 3072), np.uint8), b"labels": [3, 10]}
+        raw = {"bad-pickle": b"\x80\x02}q\x00.",  # a pickled empty dict
+               "label-10": pickle.dumps(batch, protocol=2),
+               "no-labels": pickle.dumps({b"data": batch[b"data"]}, protocol=2)}[damage]
+        (folder / ("data_batch_2" if damage == "bad-pickle" else "data_batch_1")).write_bytes(raw)
+    with pytest.raises(DatasetError, match=message):
         load_dataset("cifar10", tmp_path, 32)
+
+
+def test_cifar10_archive_that_is_not_the_official_one_is_refused_unread(tmp_path, monkeypatch):
+    write_cifar10(tmp_path)  # a well-formed archive, but not the published file
+    opened = []
+    monkeypatch.setattr(data.tarfile, "open", lambda *a, **k: opened.append(a))
+    with pytest.raises(DatasetError, match="is not the official cifar-10-python.tar.gz \\(md5 [0-9a-f]{32}, "
+                                           "expected c58f30108f718f92721af3b95e74349a\\)"):
+        load_dataset("cifar10", tmp_path, 32)
+    assert opened == []
+
+
+@pytest.mark.parametrize("extracted", [True, False])
+def test_crafted_cifar10_pickle_is_refused_and_never_run(tmp_path, monkeypatch, extracted):
+    marker = tmp_path / "pwned"
+    path = crafted_cifar10(tmp_path / "data", marker, extracted)
+    if not extracted:
+        trust(monkeypatch, path)  # even an archive whose checksum passes is read safely
+    with pytest.raises(DatasetError, match="data_batch_1: not a CIFAR-10 batch \\(UnpicklingError: refusing to load "
+                                           "(posix|os|nt).system") as info:
+        load_dataset("cifar10", tmp_path / "data", 32)
+    assert "\n" not in str(info.value)
+    assert not marker.exists()
+    # The file really holds an exploit: the plain unpickler runs it.
+    raw = (path / "data_batch_1").read_bytes() if extracted else \
+        tarfile.open(path).extractfile("cifar-10-batches-py/data_batch_1").read()
+    pickle.loads(raw)
+    assert marker.exists()
 
 
 def test_stl10_official_format(tmp_path):
@@ -123,6 +172,30 @@ def test_folder_errors(tmp_path):
     (tmp_path / "empty" / "broken.png").write_bytes(b"no png")
     with pytest.raises(DatasetError, match="broken.png"):
         load_dataset("folder", tmp_path, 32)
+
+
+def test_folder_16_bit_pngs_are_scaled_not_clipped(tmp_path):
+    (tmp_path / "a").mkdir()
+    grey = np.array([[0, 257, 4000, 32768], [40000, 65000, 65535, 128]] * 2, dtype=np.uint16)
+    (tmp_path / "a" / "grey.png").write_bytes(png(grey, bit_depth=16))
+    colour = np.random.default_rng(0).integers(0, 65536, (4, 4, 3)).astype(np.uint16)
+    (tmp_path / "a" / "rgb.png").write_bytes(png(colour, bit_depth=16))
+    ds = load_dataset("folder", tmp_path, 4)  # 4 x 4 images: no resize
+    # v * 255 / 65535 rounded, by hand (a clipped read gives 255 for all but 0 and 128).
+    np.testing.assert_array_equal(ds.images[0, :, :2].numpy(), [[[0, 1, 16, 128], [156, 253, 255, 0]]] * 3)
+    np.testing.assert_array_equal(ds.images[1].numpy(), (colour >> 8).transpose(2, 0, 1))  # 48-bit RGB: the high byte
+
+
+@pytest.mark.parametrize("size, message", [
+    ((9000, 9000), "9000 x 9000 pixels is over the limit"),    # past our limit, under Pillow's warning
+    ((100_000, 100_000), "over Pillow's size limit"),           # past Pillow's own error
+])
+def test_folder_decompression_bomb_is_refused_in_one_line(tmp_path, size, message):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "bomb.png").write_bytes(png(np.zeros((1, 1), np.uint8), size=size))
+    with pytest.raises(DatasetError, match=f"bomb.png: .*{message}") as info:
+        load_dataset("folder", tmp_path, 32)
+    assert "\n" not in str(info.value)
 
 
 def test_synthetic_is_deterministic_and_class_dependent():
