@@ -11,3 +11,16 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The one GPU marker: tests marked `gpu` need a CUDA device, and are skipped (with the
+    reason) without one."""
+    if torch.cuda.is_available():
+        return
+    import pytest
+
+    skip = pytest.mark.skip(reason="marked gpu: needs a CUDA device (real shapes, native Triton, CUDA graphs)")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)

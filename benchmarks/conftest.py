@@ -31,13 +31,13 @@ def ceilings() -> dict:
 # then cuts the least useful ones (rows are written as they come).
 GPU_ORDER = (  # (test id prefix, suffix)
     ("bench_kernels.py::", ""),
-    ("bench_engine.py::test_step[", "-engine]"),
-    ("bench_engine.py::test_step[", "-eager-bf16]"),
-    ("bench_engine.py::test_step[", "-eager-fp32]"),
-    ("bench_engine.py::test_sample_1000[ddim-50-engine]", ""),
+    ("bench_sample.py::test_step[", "-fused]"),
+    ("bench_sample.py::test_step[", "-eager-bf16]"),
+    ("bench_sample.py::test_step[", "-eager-fp32]"),
+    ("bench_sample.py::test_sample_1000[ddim-50-fused]", ""),
     ("bench_train.py::", ""),
-    ("bench_engine.py::test_sample_1000[ddim-50-eager-fp32]", ""),
-    ("bench_engine.py::test_step[", "-compile]"),
+    ("bench_sample.py::test_sample_1000[ddim-50-eager-fp32]", ""),
+    ("bench_sample.py::test_step[", "-compile]"),
     ("bench_export.py::", ""),
 )
 

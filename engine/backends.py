@@ -1,12 +1,12 @@
-"""The epsilon model (and the loop that drives it) for each `--backend`.
+"""`build_runner`: the one place a sampling Runner is built, with the eps model of each `--backend`.
 
     eager     the reference UNet; in bf16/fp16 a channels_last copy with float32 norms
     compile   torch.compile of that eager model
-    engine    engine.fused.FusedUNet (Triton kernels) driven by engine.graphs.GraphedSampler
-              (one CUDA graph per batch bucket); on the CPU only under TRITON_INTERPRET=1
+    fused     engine.fused.FusedUNet (Triton kernels), one CUDA graph per step and batch bucket
+              (engine.graphs); on the CPU only under TRITON_INTERPRET=1
     onnx      ONNX Runtime on an exported graph (a .onnx checkpoint, or exported on the fly)
     tensorrt  a .plan built by ddpm-export (CUDA and TensorRT only)
-    auto      engine on CUDA; on the CPU ONNX Runtime for long runs, else eager (measured below)
+    auto      fused on CUDA; on the CPU ONNX Runtime for long runs, else eager (measured below)
 
 Every backend takes float32 x and returns float32 eps, so the samplers run unchanged and
 the same seed gives the same images up to the precision used.
@@ -18,7 +18,6 @@ import copy
 import importlib.util
 import os
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -27,10 +26,12 @@ from torch import nn
 
 from engine.checkpoint import Checkpoint
 from engine.config import DTYPES
+from engine.graphs import StepGraphs, default_buckets
 from engine.model import GroupNorm32, UNet
-from engine.sampler import sample_loop
+from engine.runner import Runner
+from engine.sampler import SampleSettings
 
-BACKENDS = ("auto", "engine", "eager", "compile", "onnx", "tensorrt")
+BACKENDS = ("auto", "fused", "eager", "compile", "onnx", "tensorrt")
 PRECISIONS = ("auto", *DTYPES)
 
 # The CPU default, measured with `ddpm-engine bench` (one guided step: U-Net on the 2B batch +
@@ -60,13 +61,6 @@ ONNX_MIN_IMAGE_STEPS = 500
 
 class BackendError(ValueError):
     """A backend that cannot run here, or cannot run this checkpoint; the message says why."""
-
-
-@dataclass
-class Backend:
-    name: str                # what actually runs, e.g. "engine-bf16" or "eager-fp32"
-    model: Callable          # eps(x, t, y): float32 in, float32 out
-    loop: Callable = sample_loop
 
 
 class EagerModel(nn.Module):
@@ -99,13 +93,13 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 def resolve_backend(name: str, device: torch.device, image_steps: int | None = None) -> str:
-    """auto: the engine on CUDA; on the CPU ONNX Runtime for long runs, else eager (see above)."""
+    """auto: fused on CUDA; on the CPU ONNX Runtime for long runs, else eager (see above)."""
     if name not in BACKENDS:
         raise BackendError(f"unknown backend {name!r}; use {', '.join(BACKENDS)}")
     if name != "auto":
         return name
     if device.type == "cuda":
-        return "engine"
+        return "fused"
     if image_steps is not None and image_steps >= ONNX_MIN_IMAGE_STEPS and onnxruntime_installed():
         return "onnx"
     return "eager"
@@ -119,46 +113,57 @@ def interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def build_backend(ckpt: Checkpoint, name: str, device: torch.device, precision: str = "auto",
-                  max_images: int = 256, graphs: bool | None = None, image_steps: int | None = None) -> Backend:
-    """The eps model and sampling loop for `name` on `device` (ckpt.model already on it).
+def build_runner(ckpt: Checkpoint, settings: SampleSettings, backend: str = "auto", device: torch.device | str = "cpu",
+                 precision: str = "auto", max_images: int = 256, graphs: bool | None = None,
+                 images: int | None = None) -> Runner:
+    """The Runner of `settings` on `ckpt` (its model already on `device`) through `backend`.
 
-    max_images: the most images the loop gets at once (the engine's largest graph bucket;
-    the U-Net sees twice as many under guidance). graphs: CUDA graphs for the engine
-    (default: on CUDA). image_steps: the run's images x steps, for `auto` on the CPU.
+    max_images: the most images a call gets at once (the largest CUDA-graph bucket; the U-Net
+    sees twice as many under guidance). graphs: CUDA graphs for the fused backend (default: on
+    CUDA). images: how many images the run samples, for `auto` on the CPU.
     """
     device = torch.device(device)
+    plan = settings.plan(ckpt.diffusion, device)
+    name, model, step_graphs = eps_model(ckpt, backend, device, precision, max_images, graphs,
+                                         None if images is None else images * plan.num_steps)
+    config = ckpt.config
+    return Runner(name, model, plan, (config.in_channels, config.image_size, config.image_size), config.null_class,
+                  settings.guidance, settings.clip_x0, step_graphs)
+
+
+def eps_model(ckpt: Checkpoint, name: str, device: torch.device, precision: str, max_images: int,
+              graphs: bool | None, image_steps: int | None) -> tuple[str, Callable, StepGraphs | None]:
+    """(what runs, the eps model, the CUDA-graph runner or None) for backend `name`."""
     if ckpt.runtime != "pytorch":  # an exported model: it is its own backend
         if name not in ("auto", ckpt.runtime):
             raise BackendError(f"this checkpoint is a {ckpt.runtime} export: use --backend {ckpt.runtime} (or auto), "
                                f"or pass the .safetensors checkpoint for --backend {name}")
-        return Backend(f"{ckpt.runtime}-{ckpt.precision}", ckpt.model)
+        return f"{ckpt.runtime}-{ckpt.precision}", ckpt.model, None
     name = resolve_backend(name, device, image_steps)
     precision = resolve_precision(precision, device)
     dtype = DTYPES[precision]
     match name:
         case "eager":
             if precision == "fp32":
-                return Backend("eager-fp32", ckpt.model.eval())
-            return Backend(f"eager-{precision}", EagerModel(ckpt.model, dtype))
+                return "eager-fp32", ckpt.model.eval(), None
+            return f"eager-{precision}", EagerModel(ckpt.model, dtype), None
         case "compile":
             # The default mode: max-autotune did not finish in 5 min at batch 1024 on the H200 (GPU.md).
-            return Backend(f"compile-{precision}", torch.compile(EagerModel(ckpt.model, dtype)))
-        case "engine":
+            return f"compile-{precision}", torch.compile(EagerModel(ckpt.model, dtype)), None
+        case "fused":
             from engine.fused import fuse
-            from engine.graphs import GraphedSampler, default_buckets
 
             if device.type != "cuda" and not interpreter_on():
-                raise BackendError("--backend engine runs Triton kernels and needs a CUDA device "
+                raise BackendError("--backend fused runs Triton kernels and needs a CUDA device "
                                    "(on the CPU only in the Triton interpreter, TRITON_INTERPRET=1, for testing)")
             use_graphs = device.type == "cuda" if graphs is None else graphs
             if use_graphs and device.type != "cuda":
                 raise BackendError("CUDA graphs need a CUDA device")
-            return Backend(f"engine-{precision}", fuse(ckpt.model, dtype),
-                           GraphedSampler(default_buckets(max_images), graphs=use_graphs))
+            step_graphs = StepGraphs(default_buckets(max_images), capture=use_graphs) if use_graphs else None
+            return f"fused-{precision}", fuse(ckpt.model, dtype), step_graphs
         case "onnx":
-            return Backend(f"onnx-{'fp16' if precision == 'fp16' else 'fp32'}",
-                           onnx_from_checkpoint(ckpt, device, fp16=precision == "fp16"))
+            return (f"onnx-{'fp16' if precision == 'fp16' else 'fp32'}",
+                    onnx_from_checkpoint(ckpt, device, fp16=precision == "fp16"), None)
         case "tensorrt":
             raise BackendError("--backend tensorrt runs a .plan file: build one with ddpm-export --tensorrt, "
                                "then pass it as --checkpoint")

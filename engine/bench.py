@@ -1,8 +1,9 @@
 """`ddpm-engine bench`: one guided sampling step per backend and batch size, in the same run.
 
 A step is what the sampler does per timestep: the U-Net on the batch of 2B (conditional and
-unconditional halves), the guidance combine, the per-image noise and the DDPM update; for
-the engine it is one CUDA-graph replay of exactly that. `batch` is the U-Net batch (images
+unconditional halves), the guidance combine, the per-image noise and the DDPM update
+(engine.runner.Runner.one_step); for the fused backend on CUDA it is one CUDA-graph replay
+of exactly that. `batch` is the U-Net batch (images
 x2 under guidance), as in ../shared/GPU.md. images/s is for a whole run of `steps` steps.
 Random weights (speed does not depend on them). Times: CUDA events on the GPU after
 warm-up, perf_counter on the CPU; the first call (compilation, autotuning, graph capture)
@@ -15,27 +16,27 @@ import functools
 import statistics
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from engine.backends import BackendError, build_backend
+from engine.backends import BackendError, build_runner
 from engine.checkpoint import Checkpoint
 from engine.config import CIFAR10_CLASSES, DiffusionConfig, ModelConfig
-from engine.graphs import GraphedSampler
 from engine.model import UNet
-from engine.noise import gaussian_noise, image_keys
-from engine.sampler import ddpm_plan, guided_eps, step
+from engine.noise import image_keys
+from engine.runner import Runner
+from engine.sampler import SampleSettings
 
-# name -> (backend, precision) for engine.backends.build_backend
+# name -> (backend, precision) for engine.backends.build_runner
 BENCH_BACKENDS = {
     "eager-fp32": ("eager", "fp32"),
     "eager-bf16": ("eager", "bf16"),
     "compile": ("compile", "auto"),
-    "engine": ("engine", "auto"),
+    "fused": ("fused", "auto"),
     "onnx": ("onnx", "fp32"),
 }
-GUIDANCE = 1.8
 
 
 @dataclass
@@ -99,23 +100,11 @@ def flops_per_image(config: ModelConfig) -> float:
     return float(counter.get_total_flops())
 
 
-def step_fn(backend, plan, images: int, config: ModelConfig, device: torch.device):
-    """A no-argument function running one guided step on `images` images (batch 2 x images)."""
-    shape = (config.in_channels, config.image_size, config.image_size)
-    labels = (torch.arange(images) % config.num_classes).to(device)
-    keys = image_keys(0, torch.arange(images)).to(device)
-    if isinstance(backend.loop, GraphedSampler):
-        advance, _ = backend.loop.prepare(backend.model, plan, labels, keys, shape, GUIDANCE, config.null_class)
-        return advance  # starts at step S - 1 and counts down: fine for fewer than S calls
-    x = gaussian_noise(keys, 0, shape)
-    i = plan.num_steps // 2
-    t = plan.timesteps[i].expand(images)
-
-    @torch.no_grad()
-    def run():
-        eps = guided_eps(backend.model, x, t, labels, GUIDANCE, config.null_class).float()
-        return step(plan, i, x, eps, gaussian_noise(keys, i, shape))
-    return run
+def step_fn(runner: Runner, images: int, config: ModelConfig) -> Callable[[], object]:
+    """A no-argument function running one guided step on `images` images (U-Net batch 2 x images)."""
+    labels = (torch.arange(images) % config.num_classes).to(runner.device)
+    keys = image_keys(0, torch.arange(images)).to(runner.device)
+    return runner.one_step(labels, keys)
 
 
 def bench(preset: str, batch_sizes: list[int], backends: list[str], device: torch.device, steps: int = 1000,
@@ -131,17 +120,17 @@ def bench(preset: str, batch_sizes: list[int], backends: list[str], device: torc
             raise ValueError(f"batch {b}: the U-Net batch under guidance is 2 x images, so it must be even and >= 2")
     torch.manual_seed(0)
     ckpt = Checkpoint(UNet(config).eval().to(device), DiffusionConfig(), CIFAR10_CLASSES)
-    plan = ddpm_plan(DiffusionConfig(), steps).to(device)
+    settings = SampleSettings(sampler="ddpm", steps=steps)  # the default guidance
     flops = flops_per_image(config)
     rows, skipped = [], []
     ms_per_image = None  # eager fp32 cost per image on the CPU, to skip cases over the budget
     for name in backends:
         kind, precision = BENCH_BACKENDS[name]
-        if kind == "engine" and not on_gpu:
+        if kind == "fused" and not on_gpu:
             skipped.append(f"{name}: needs CUDA (the Triton interpreter on the CPU is for tests, not timing)")
             continue
         try:
-            backend = build_backend(ckpt, kind, device, precision, max_images=max(batch_sizes) // 2)
+            runner = build_runner(ckpt, settings, kind, device, precision, max_images=max(batch_sizes) // 2)
         except BackendError as e:
             skipped.append(f"{name}: {e}")
             continue
@@ -152,10 +141,10 @@ def bench(preset: str, batch_sizes: list[int], backends: list[str], device: torc
                     skipped.append(f"{name} batch {batch}: ~{estimate_s:.0f} s on this CPU (estimated from eager fp32 "
                                    f"at batch {batch_sizes[0]}), over --cpu-budget-s {cpu_budget_s:g}")
                     continue
-            t = measure(step_fn(backend, plan, batch // 2, config, device), warmup, rounds, cuda_events=on_gpu)
+            t = measure(step_fn(runner, batch // 2, config), warmup, rounds, cuda_events=on_gpu)
             if ms_per_image is None:
                 ms_per_image = t.median_ms / batch
-            row = Row(backend.name, batch, t.median_ms, t.min_ms, t.max_ms, t.first_call_s,
+            row = Row(runner.name, batch, t.median_ms, t.min_ms, t.max_ms, t.first_call_s,
                       (batch // 2) / (t.median_ms * 1e-3 * steps), flops * batch / (t.median_ms * 1e-3) / 1e12)
             rows.append(row)
             log(format_row(row))

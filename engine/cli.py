@@ -8,13 +8,14 @@ import json
 import math
 import sys
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from engine import distributed
-from engine.backends import BACKENDS, PRECISIONS, build_backend
+from engine.backends import BACKENDS, PRECISIONS, build_runner
 from engine.bench import BENCH_BACKENDS, bench, format_header
 from engine.checkpoint import Checkpoint, CheckpointError, atomic_write, open_checkpoint
 from engine.clitools import Parser, UsageError, float_range, int_range, non_negative_float, run_main
@@ -22,9 +23,12 @@ from engine.config import PRESETS
 from engine.datasets import SPLITS, DataError, ImageSource, open_images
 from engine.fid import (BACKENDS as FID_BACKENDS, NO_CLASSIFIER, PREPROCESSING, FidError, InceptionNetwork, Stats,
                         frechet_distance, image_stats, load_network, load_stats, save_stats)
-from engine.generate import SampleSettings, default_batch_size, generate, interpolate
+from engine.generate import INTERPOLATION, default_batch_size, generate, interpolate
 from engine.images import check_writable, grid, save_png, staged_output, write_samples
 from engine.noise import MASK32
+from engine.sampler import DDIM_STEPS, SAMPLERS, SPACINGS, VARIANCES, SampleSettings
+
+SAMPLE = SampleSettings()  # the sample command's defaults
 
 BUNDLED_CHECKPOINT = Path(__file__).parent / "weights" / "cifar10.safetensors"
 
@@ -34,7 +38,7 @@ EXAMPLES = """examples:
   ddpm-engine sample -n 8 --sampler ddpm --variance small --seed 7 --batch-size 4
   ddpm-engine interpolate --class 3 --pairs 2 --frames 9 --out interp
   ddpm-engine sample --checkpoint model.onnx -n 16           # ONNX Runtime (.plan: TensorRT)
-  ddpm-engine sample -n 1000 --backend engine --device cuda    # fused U-Net + CUDA graphs, bf16
+  ddpm-engine sample -n 1000 --backend fused --device cuda     # fused U-Net + CUDA graphs, bf16
   torchrun --nproc-per-node 8 -m engine.cli sample -n 100000  # one share of the images per GPU
   ddpm-engine bench --preset ddpm-cifar10 --batch-sizes 2,256,1024
   ddpm-engine fid-ref ../shared/data/cifar10-jpeg.tar.gz --split test --out runs/fid/cifar10-jpeg-test.npz
@@ -57,28 +61,29 @@ def build_parser() -> Parser:
                        help="a .safetensors checkpoint, an exported .onnx file (ONNX Runtime) or a .plan "
                             "(TensorRT) (default: the bundled CIFAR-10 model)")
         p.add_argument("--guidance", "-w", type=guidance_scale, default=None,
-                       help="guidance scale w in (1 + w) eps(x, c) - w eps(x, null); 0 = purely conditional "
-                            "(default: 1.8 for sample, 0 for interpolate)")
+                       help=f"guidance scale w in (1 + w) eps(x, c) - w eps(x, null); 0 = purely conditional "
+                            f"(default: {SAMPLE.guidance:g} for sample, {INTERPOLATION.guidance:g} for interpolate)")
         p.add_argument("--seed", type=int_range(0, MASK32), default=0, help="run seed (default: 0)")
         p.add_argument("--device", default="auto", help="auto, cpu or cuda[:k] (default: auto)")
         p.add_argument("--backend", choices=BACKENDS, default="auto",
-                       help="model implementation (default: auto = engine on CUDA, the fastest correct one on the CPU)")
+                       help="model implementation (default: auto = fused on CUDA, the fastest correct one on the CPU)")
         p.add_argument("--precision", choices=PRECISIONS, default="auto",
-                       help="for engine, eager and compile (default: auto = bf16 on CUDA, fp32 on the CPU)")
+                       help="for fused, eager and compile (default: auto = bf16 on CUDA, fp32 on the CPU)")
         p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
     sample = commands.add_parser("sample", help="sample N images", epilog=EXAMPLES)
     common(sample)
     sample.add_argument("-n", type=int_range(1), default=None, help="number of images (default: 10 per class)")
     sample.add_argument("--classes", default=None, help="comma-separated class indices or names (default: all)")
-    sample.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddim", help="default: ddim")
-    sample.add_argument("--steps", type=int_range(1), default=None,
-                        help="sampling steps (default: T for ddpm, 50 for ddim)")
-    sample.add_argument("--eta", type=non_negative_float, default=0.0, help="DDIM eta (default: 0, deterministic)")
-    sample.add_argument("--variance", choices=["large", "small"], default="large",
-                        help="DDPM sigma_t^2: beta_t (large) or the posterior variance (small)")
-    sample.add_argument("--spacing", choices=["uniform", "quadratic"], default="uniform",
-                        help="timestep spacing when steps < T (default: uniform)")
+    sample.add_argument("--sampler", choices=SAMPLERS, default=SAMPLE.sampler, help=f"default: {SAMPLE.sampler}")
+    sample.add_argument("--steps", type=int_range(1), default=SAMPLE.steps,
+                        help=f"sampling steps (default: T for ddpm, {DDIM_STEPS} for ddim)")
+    sample.add_argument("--eta", type=non_negative_float, default=SAMPLE.eta,
+                        help=f"DDIM eta (default: {SAMPLE.eta:g}, deterministic)")
+    sample.add_argument("--variance", choices=VARIANCES, default=SAMPLE.variance,
+                        help=f"DDPM sigma_t^2: beta_t (large) or the posterior variance (small) (default: {SAMPLE.variance})")
+    sample.add_argument("--spacing", choices=SPACINGS, default=SAMPLE.spacing,
+                        help=f"timestep spacing when steps < T (default: {SAMPLE.spacing})")
     sample.add_argument("--clip-x0", action="store_true", help="clip the predicted x_0 to [-1, 1] at each step")
     sample.add_argument("--batch-size", type=int_range(1), default=None,
                         help="images per model call (default: 32 on the CPU, where larger batches cost more per "
@@ -91,7 +96,7 @@ def build_parser() -> Parser:
     interp.add_argument("--class", dest="class_name", default="0", help="class index or name (default: 0)")
     interp.add_argument("--pairs", type=int_range(1), default=1, help="pairs of end points (default: 1)")
     interp.add_argument("--frames", type=int_range(2), default=9, help="images per row, ends included (default: 9)")
-    interp.add_argument("--steps", type=int_range(1), default=50, help="DDIM steps (default: 50)")
+    interp.add_argument("--steps", type=int_range(1), default=None, help=f"DDIM steps (default: {DDIM_STEPS})")
     interp.add_argument("--out", type=Path, default=Path("interpolation"), help="output folder (default: ./interpolation)")
 
     bench_cmd = commands.add_parser("bench", help="per-step latency and images/s of each backend, same run",
@@ -180,11 +185,6 @@ def parse_classes(text: str | None, class_names: tuple[str, ...]) -> list[int]:
     return classes
 
 
-def check_steps(steps: int | None, num_timesteps: int) -> None:
-    if steps is not None and steps > num_timesteps:
-        raise UsageError(f"--steps {steps} exceeds the model's T = {num_timesteps}")
-
-
 def cmd_sample(args) -> None:
     """Under torchrun every rank samples its share of the indices and rank 0 writes the output."""
     check_writable(args.out)
@@ -194,26 +194,23 @@ def cmd_sample(args) -> None:
         device = distributed.device_for(world, device)
         ckpt = open_model(args.checkpoint, device)
         classes = parse_classes(args.classes, ckpt.class_names)
-        check_steps(args.steps, ckpt.diffusion.num_timesteps)
         n = args.n if args.n is not None else 10 * len(classes)
         if n < world.size:
             raise UsageError(f"-n {n} is fewer images than the {world.size} processes")
-        guidance = 1.8 if args.guidance is None else args.guidance
         settings = SampleSettings(sampler=args.sampler, steps=args.steps, eta=args.eta, variance=args.variance,
-                                  spacing=args.spacing, guidance=guidance, clip_x0=args.clip_x0)
+                                  spacing=args.spacing, clip_x0=args.clip_x0,
+                                  guidance=SAMPLE.guidance if args.guidance is None else args.guidance)
         indices = distributed.shard(torch.arange(n), world)
         batch_size = args.batch_size or default_batch_size(device)
-        steps = args.steps or (ckpt.diffusion.num_timesteps if args.sampler == "ddpm" else 50)
-        backend = build_backend(ckpt, args.backend, device, args.precision, max_images=batch_size,
-                                image_steps=len(indices) * steps)
-        images, labels = generate(backend.model, ckpt.model.config, ckpt.diffusion, settings, indices, classes,
-                                  args.seed, batch_size, device, progress=not args.no_progress and world.is_main,
-                                  loop=backend.loop)
+        runner = build_runner(ckpt, settings, args.backend, device, args.precision, max_images=batch_size,
+                              images=len(indices))
+        images, labels = generate(runner, indices, classes, args.seed, batch_size,
+                                  progress=not args.no_progress and world.is_main)
         images, labels = distributed.gather(images, n, world, device), distributed.gather(labels, n, world, device)
         if world.is_main:
             write_samples(args.out, images, labels, classes)
             ranks = f", {world.size} processes" if world.size > 1 else ""
-            print(f"wrote {n} images to {args.out}/ (grid.png, images/, samples.npz; {backend.name} on {device}{ranks})")
+            print(f"wrote {n} images to {args.out}/ (grid.png, images/, samples.npz; {runner.name} on {device}{ranks})")
         distributed.barrier(world)
     finally:
         distributed.finish(world)
@@ -224,14 +221,14 @@ def cmd_interpolate(args) -> None:
     device = distributed.resolve_device(args.device)
     ckpt = open_model(args.checkpoint, device)
     (class_index,) = parse_classes(args.class_name, ckpt.class_names)
-    check_steps(args.steps, ckpt.diffusion.num_timesteps)
-    # One batch of 2 * pairs * frames, through the backend's eps model (no graphs: one run).
-    backend = build_backend(ckpt, args.backend, device, args.precision, graphs=False,
-                            image_steps=2 * args.pairs * args.frames * args.steps)
-    images = interpolate(backend.model, ckpt.model.config, ckpt.diffusion, class_index, args.pairs, args.frames,
-                         args.seed, args.steps, args.guidance or 0.0, device, progress=not args.no_progress)
+    settings = replace(INTERPOLATION, steps=args.steps,
+                       guidance=INTERPOLATION.guidance if args.guidance is None else args.guidance)
+    images = 2 * args.pairs * args.frames  # one batch, one run: no CUDA graphs
+    runner = build_runner(ckpt, settings, args.backend, device, args.precision, max_images=images, graphs=False,
+                          images=images)
+    frames = interpolate(runner, class_index, args.pairs, args.frames, args.seed, progress=not args.no_progress)
     with staged_output(args.out) as stage:
-        rows = [images[i:i + args.frames] for i in range(0, len(images), args.frames)]
+        rows = [frames[i:i + args.frames] for i in range(0, len(frames), args.frames)]
         save_png(stage / "interpolation.png", grid(rows), scale=2)
     print(f"wrote {args.out}/interpolation.png (rows: lerp then slerp for each of {args.pairs} pair(s))")
 

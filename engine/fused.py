@@ -32,7 +32,7 @@ from torch import nn
 
 import kernels
 from engine.config import DTYPES
-from engine.model import AttnBlock, GroupNorm32, ResBlock, UNet, timestep_embedding
+from engine.model import AttnBlock, GroupNorm32, ResBlock, UNet, swap_modules, timestep_embedding, trunk
 
 
 class FusedGroupNorm(nn.Module):
@@ -92,22 +92,14 @@ class FusedAttnBlock(nn.Module):
 class FusedUNet(nn.Module):
     """eps(x, t, y) of a reference UNet, through the fused blocks; float32 in, float32 out."""
 
-    def __init__(self, model: UNet, dtype: torch.dtype = torch.bfloat16, channels_last: bool = True,
-                 fold_embeddings: bool = True):
+    def __init__(self, model: UNet, dtype: torch.dtype = torch.bfloat16, fold_embeddings: bool = True):
         super().__init__()
-        model = copy.deepcopy(model).eval()
+        model = swap_modules(copy.deepcopy(model).eval(), {ResBlock: FusedResBlock, AttnBlock: FusedAttnBlock})
         self.config, self.dtype, self.fold_embeddings = model.config, dtype, fold_embeddings
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.memory_format = torch.channels_last
         self.time_mlp, self.class_embed = model.time_mlp.float(), model.class_embed.float()
         self.conv_in, self.conv_out = model.conv_in.float(), model.conv_out
         self.down, self.mid, self.up = model.down, model.mid, model.up
-        for blocks in (self.down, self.up, [self.mid]):
-            for block in blocks:
-                for k, layer in enumerate(block):
-                    if isinstance(layer, ResBlock):
-                        block[k] = FusedResBlock(layer)
-                    elif isinstance(layer, AttnBlock):
-                        block[k] = FusedAttnBlock(layer)
         self.norm_out = FusedGroupNorm(model.norm_out, silu=True)
         self.res_blocks = [m for m in self.modules() if isinstance(m, FusedResBlock)]  # in forward order
         for module in self.modules():
@@ -140,30 +132,15 @@ class FusedUNet(nn.Module):
         # conv_in runs in float32: bf16 would quantize the input image to ~1 intensity level
         # (spacing 2^-7 near 1), and with 27 inputs per output nothing averages that out.
         h = self.conv_in(F.pixel_unshuffle(x.float(), self.config.patch_size)).to(dtype=self.dtype, memory_format=self.memory_format)  # float32 -> dtype
-        skips = [h]
-        for block in self.down:
-            h = _run_block(block, h, emb_outs)
-            skips.append(h)
-        h = _run_block(self.mid, h, emb_outs)
-        for block in self.up:
-            if isinstance(block[0], FusedResBlock):
-                h = torch.cat([h, skips.pop()], dim=1)
-            h = _run_block(block, h, emb_outs)
+        h = trunk(self, h, lambda layer, h: layer(h, next(emb_outs)) if isinstance(layer, FusedResBlock) else layer(h))
         out = self.conv_out(self.norm_out(h)).float()  # dtype -> float32
         return F.pixel_shuffle(out, self.config.patch_size)
 
 
-def _run_block(block: nn.ModuleList, h: torch.Tensor, emb_outs) -> torch.Tensor:
-    for layer in block:
-        h = layer(h, next(emb_outs)) if isinstance(layer, FusedResBlock) else layer(h)
-    return h
-
-
-def fuse(model: UNet, dtype: torch.dtype | str = torch.bfloat16, channels_last: bool = True,
-         fold_embeddings: bool = True) -> FusedUNet:
-    """The fused inference model of `model` (which is left untouched), on the same device."""
+def fuse(model: UNet, dtype: torch.dtype | str = torch.bfloat16, fold_embeddings: bool = True) -> FusedUNet:
+    """The fused inference model of `model` (which is left untouched), on the same device; channels_last."""
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ValueError(f"unknown precision {dtype!r}; use {', '.join(DTYPES)}")
         dtype = DTYPES[dtype]
-    return FusedUNet(model, dtype, channels_last, fold_embeddings).eval()
+    return FusedUNet(model, dtype, fold_embeddings).eval()

@@ -6,43 +6,17 @@ Image i of a run has label classes[i % len(classes)] and its own noise key deriv
 
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass
-
 import numpy as np
 import torch
-from torch import nn
 from tqdm import tqdm
 
-from engine.config import ModelConfig
 from engine.noise import INITIAL_STREAM, gaussian_noise, image_keys
-from engine.sampler import SamplerPlan, ddim_plan, ddpm_plan, sample_loop
+from engine.runner import Runner
+from engine.sampler import SampleSettings
 
-
-@dataclass(frozen=True)
-class SampleSettings:
-    sampler: str = "ddpm"           # "ddpm" or "ddim"
-    steps: int | None = None        # None: all T steps for DDPM, 50 for DDIM
-    eta: float = 0.0                # DDIM only
-    variance: str = "large"         # DDPM only: "large" (sigma^2 = beta) or "small" (posterior)
-    spacing: str = "uniform"        # "uniform" or "quadratic"
-    guidance: float = 0.0           # w in (1 + w) eps(x, c) - w eps(x, null)
-    clip_x0: bool = False
-
-
-@functools.lru_cache(maxsize=8)
-def make_plan(settings: SampleSettings, diffusion, device: torch.device | str = "cpu") -> SamplerPlan:
-    """The plan on `device`; cached, so repeated runs with the same settings share one plan (and a
-    CUDA-graph runner, which is keyed on its plan, keeps its captured graphs)."""
-    return _make_plan(settings, diffusion).to(device)
-
-
-def _make_plan(settings: SampleSettings, diffusion) -> SamplerPlan:
-    if settings.sampler == "ddpm":
-        return ddpm_plan(diffusion, settings.steps, settings.variance, settings.spacing)
-    if settings.sampler == "ddim":
-        return ddim_plan(diffusion, settings.steps or 50, settings.eta, settings.spacing)
-    raise ValueError(f"unknown sampler {settings.sampler!r}; use ddpm or ddim")
+# What `interpolate` decodes with: deterministic DDIM (a pair's rows must differ only by x_T),
+# purely conditional unless --guidance is given.
+INTERPOLATION = SampleSettings(sampler="ddim", eta=0.0, guidance=0.0)
 
 
 def default_batch_size(device: torch.device | str) -> int:
@@ -60,23 +34,15 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def generate(model: nn.Module, config: ModelConfig, diffusion, settings: SampleSettings, indices: torch.Tensor,
-             classes: list[int], seed: int, batch_size: int, device: torch.device | str = "cpu",
-             progress: bool = True, loop=sample_loop) -> tuple[np.ndarray, np.ndarray]:
-    """Sample the images with the given global indices; returns (uint8 N x H x W x 3, int64 labels).
-
-    `loop` runs the reverse process for one batch, with sample_loop's signature (e.g. an
-    engine.graphs.GraphedSampler).
-    """
-    plan = make_plan(settings, diffusion, torch.device(device))
-    shape = (config.in_channels, config.image_size, config.image_size)
+def generate(runner: Runner, indices: torch.Tensor, classes: list[int], seed: int, batch_size: int,
+             progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Sample the images with the given global indices; returns (uint8 N x H x W x 3, int64 labels)."""
     batches = indices.split(batch_size)
     images, labels = [], []
-    with tqdm(total=len(batches) * plan.num_steps, desc="sampling", unit="step", disable=not progress) as bar:
+    with tqdm(total=len(batches) * runner.plan.num_steps, desc="sampling", unit="step", disable=not progress) as bar:
         for batch in batches:
             y = labels_for(batch, classes)
-            x = loop(model, plan, y.to(device), image_keys(seed, batch).to(device), shape,
-                     settings.guidance, config.null_class, settings.clip_x0, on_step=bar.update)
+            x = runner(y.to(runner.device), image_keys(seed, batch).to(runner.device), on_step=bar.update)
             if not torch.isfinite(x).all():  # one check a batch, after the loop: no sync inside it
                 raise ValueError(f"the model produced NaN or infinite values (images {int(batch[0])}.."
                                  f"{int(batch[-1])}): its weights or the sampling settings are broken")
@@ -94,25 +60,23 @@ def slerp(a: torch.Tensor, b: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
     return out.to(a.dtype).reshape(len(a), len(lam[0]), *a.shape[1:])
 
 
-def interpolate(model: nn.Module, config: ModelConfig, diffusion, class_index: int, pairs: int, frames: int,
-                seed: int, steps: int, guidance: float, device: torch.device | str = "cpu",
+def interpolate(runner: Runner, class_index: int, pairs: int, frames: int, seed: int,
                 progress: bool = True) -> np.ndarray:
     """Interpolate between the initial noises of image pairs (2p, 2p + 1) of the run (report figures 4-5).
 
     Each pair gives two rows: linear interpolation of x_T (the report's), then spherical
-    interpolation, which keeps x_T at the norm the model expects. Decoded with the
-    deterministic DDIM sampler (eta = 0). Returns uint8 (pairs * 2 * frames) x H x W x 3.
+    interpolation, which keeps x_T at the norm the model expects. Decoded by `runner` in one
+    batch; use a deterministic sampler (INTERPOLATION: DDIM, eta = 0). Returns uint8
+    (pairs * 2 * frames) x H x W x 3.
     """
-    shape = (config.in_channels, config.image_size, config.image_size)
-    keys = image_keys(seed, torch.arange(2 * pairs))
-    ends = gaussian_noise(keys, INITIAL_STREAM, shape).reshape(pairs, 2, *shape)
+    shape = runner.shape
+    ends = gaussian_noise(image_keys(seed, torch.arange(2 * pairs)), INITIAL_STREAM, shape).reshape(pairs, 2, *shape)
     a, b = ends[:, 0], ends[:, 1]
     lam = torch.linspace(0, 1, frames)
     lerp = a[:, None] + lam.view(1, -1, 1, 1, 1) * (b - a)[:, None]
     x_T = torch.stack([lerp, slerp(a, b, lam)], dim=1).reshape(-1, *shape)  # pair, kind, frame
-    plan = ddim_plan(diffusion, steps, eta=0.0).to(device)
-    y = torch.full((len(x_T),), class_index, dtype=torch.int64, device=device)
-    with tqdm(total=plan.num_steps, desc="interpolating", unit="step", disable=not progress) as bar:
-        x = sample_loop(model, plan, y, torch.zeros(len(x_T), dtype=torch.int64, device=device), shape,
-                        guidance, config.null_class, x_T=x_T.to(device), on_step=bar.update)
+    y = torch.full((len(x_T),), class_index, dtype=torch.int64, device=runner.device)
+    keys = torch.zeros(len(x_T), dtype=torch.int64, device=runner.device)  # unused: eta = 0 draws no noise
+    with tqdm(total=runner.plan.num_steps, desc="interpolating", unit="step", disable=not progress) as bar:
+        x = runner(y, keys, x_T=x_T.to(runner.device), on_step=bar.update)
     return to_uint8(x)

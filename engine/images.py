@@ -82,12 +82,11 @@ def staged_output(out: Path):
         shutil.rmtree(stage, ignore_errors=True)
 
 
-def write_samples(out: Path, images: np.ndarray, labels: np.ndarray, classes: list[int],
-                  first_index: int = 0) -> None:
+def write_samples(out: Path, images: np.ndarray, labels: np.ndarray, classes: list[int]) -> None:
     """DIR/grid.png, DIR/images/NNNNNN.png and DIR/samples.npz (x: uint8 N x H x W x 3, y: int64)."""
     with staged_output(out) as stage:
         (stage / "images").mkdir()
         for k, img in enumerate(images):
-            save_png(stage / "images" / f"{first_index + k:06d}.png", img)
+            save_png(stage / "images" / f"{k:06d}.png", img)
         np.savez(stage / "samples.npz", x=images, y=labels.astype(np.int64))
         save_png(stage / "grid.png", grid(class_rows(images, labels, classes)), scale=2)

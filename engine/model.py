@@ -11,6 +11,7 @@ label in [0, num_classes], where `num_classes` is the learned null class.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -148,22 +149,37 @@ class UNet(nn.Module):
         """Predict the noise epsilon in x_t (Ho et al. 2020, Eq. 11)."""
         emb = self.embed(t, y).to(x.dtype)
         h = self.conv_in(F.pixel_unshuffle(x, self.config.patch_size))
-        skips = [h]
-        for block in self.down:
-            h = _run_block(block, h, emb)
-            skips.append(h)
-        h = _run_block(self.mid, h, emb)
-        for block in self.up:
-            if isinstance(block[0], ResBlock):
-                h = torch.cat([h, skips.pop()], dim=1)
-            h = _run_block(block, h, emb)
+        h = trunk(self, h, lambda layer, h: layer(h, emb) if isinstance(layer, ResBlock) else layer(h))
         return F.pixel_shuffle(self.conv_out(F.silu(self.norm_out(h))), self.config.patch_size)
 
 
-def _run_block(block: nn.ModuleList, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-    for layer in block:
-        h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
+def trunk(unet: nn.Module, h: torch.Tensor, run_layer) -> torch.Tensor:
+    """The down, middle and up paths of `unet` (a UNet, or a model made from one by swapping
+    modules) with their skip connections; run_layer(layer, h) runs one layer of a block."""
+    skips = [h]
+    for block in unet.down:
+        for layer in block:
+            h = run_layer(layer, h)
+        skips.append(h)
+    for layer in unet.mid:
+        h = run_layer(layer, h)
+    for block in unet.up:
+        if not isinstance(block[0], Upsample):  # every up block but an Upsample eats one skip
+            h = torch.cat([h, skips.pop()], dim=1)
+        for layer in block:
+            h = run_layer(layer, h)
     return h
+
+
+def swap_modules(model: nn.Module, swaps: dict[type, Callable[[nn.Module], nn.Module]]) -> nn.Module:
+    """Replace, in place, every submodule whose type is a key of `swaps` by swaps[type](module), a
+    variant with the same weights (stable-fast's patching). Children first: a swapped block gets
+    children already swapped. Returns `model`."""
+    for name, child in list(model.named_children()):
+        swap_modules(child, swaps)
+        if type(child) in swaps:
+            setattr(model, name, swaps[type(child)](child))
+    return model
 
 
 def count_parameters(model: nn.Module) -> int:

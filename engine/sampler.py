@@ -1,7 +1,8 @@
 """Samplers: DDPM ancestral sampling (Ho et al. 2020, Algorithm 2) and DDIM (Song et al.
 2020), with classifier-free guidance (Ho & Salimans 2022).
 
-Both samplers are written as one update,
+`SampleSettings` names a sampler and its settings, and is the one home of their defaults
+(the command lines read theirs from it). Both samplers are written as one update,
     x_{t_prev} = c_x0 * x0_hat + c_xt * x_t + c_eps * eps_hat + sigma * z,
 whose per-step coefficients are precomputed once (a `SamplerPlan`), so that a step reads no
 host value and branches on no tensor. Notation as in engine.diffusion: `ab` = alpha-bar.
@@ -18,7 +19,6 @@ from torch import nn
 
 from engine.config import DiffusionConfig
 from engine.diffusion import alpha_bar as make_alpha_bar
-from engine.noise import INITIAL_STREAM, gaussian_noise
 
 
 @dataclass
@@ -39,6 +39,43 @@ class SamplerPlan:
 
     def to(self, device: torch.device | str) -> "SamplerPlan":
         return SamplerPlan(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+
+SAMPLERS = ("ddpm", "ddim")
+SPACINGS = ("uniform", "quadratic")
+VARIANCES = ("large", "small")
+DDIM_STEPS = 50  # DDIM's default number of steps; DDPM takes all T by default
+
+
+@dataclass(frozen=True)
+class SampleSettings:
+    """A sampler and its settings. The defaults here are every tool's defaults."""
+
+    sampler: str = "ddim"           # "ddpm" (ancestral) or "ddim"
+    steps: int | None = None        # None: all T steps for DDPM, DDIM_STEPS for DDIM
+    eta: float = 0.0                # DDIM only: 0 deterministic, 1 DDPM-like noise
+    variance: str = "large"         # DDPM only: "large" (sigma^2 = beta) or "small" (posterior)
+    spacing: str = "uniform"        # "uniform" or "quadratic"
+    guidance: float = 1.8           # w in (1 + w) eps(x, c) - w eps(x, null); 0: purely conditional
+    clip_x0: bool = False           # clip the predicted x_0 to [-1, 1] at each step
+
+    def num_steps(self, num_timesteps: int) -> int:
+        """The steps this sampler takes on a model with T = num_timesteps."""
+        steps = self.steps or (num_timesteps if self.sampler == "ddpm" else DDIM_STEPS)
+        if self.steps is not None and self.steps > num_timesteps:
+            raise ValueError(f"--steps {self.steps} exceeds the model's T = {num_timesteps}")
+        return min(steps, num_timesteps)
+
+    def plan(self, diffusion: DiffusionConfig, device: torch.device | str = "cpu") -> "SamplerPlan":
+        steps = self.num_steps(diffusion.num_timesteps)
+        match self.sampler:
+            case "ddpm":
+                plan = ddpm_plan(diffusion, steps, self.variance, self.spacing)
+            case "ddim":
+                plan = ddim_plan(diffusion, steps, self.eta, self.spacing)
+            case _:
+                raise ValueError(f"unknown sampler {self.sampler!r}; use {' or '.join(SAMPLERS)}")
+        return plan.to(device)
 
 
 def timestep_sequence(num_timesteps: int, steps: int, spacing: str = "uniform") -> torch.Tensor:
@@ -132,21 +169,3 @@ def step(plan: SamplerPlan, i: int, x: torch.Tensor, eps: torch.Tensor, z: torch
         x0 = x0.clamp(-1, 1)
         eps = (x - sqrt_ab * x0) / sqrt_1m_ab
     return plan.coef_x0[i] * x0 + plan.coef_xt[i] * x + plan.coef_eps[i] * eps + plan.sigma[i] * z
-
-
-@torch.no_grad()
-def sample_loop(model: nn.Module, plan: SamplerPlan, labels: torch.Tensor, keys: torch.Tensor,
-                shape: tuple[int, ...], guidance: float, null_class: int, clip_x0: bool = False,
-                x_T: torch.Tensor | None = None, on_step=None) -> torch.Tensor:
-    """Run the reverse process from x_T (drawn from the images' keys unless given) to x_0.
-
-    The model sees float32 inputs; returns float32 x_0, nominally in [-1, 1].
-    """
-    x = gaussian_noise(keys, INITIAL_STREAM, shape) if x_T is None else x_T.float()
-    for i in reversed(range(plan.num_steps)):
-        t = plan.timesteps[i].expand(len(x))
-        eps = guided_eps(model, x, t, labels, guidance, null_class).float()
-        x = step(plan, i, x, eps, gaussian_noise(keys, i, shape), clip_x0)
-        if on_step is not None:
-            on_step()
-    return x

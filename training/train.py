@@ -12,11 +12,13 @@ images are split between the ranks and a batch may straddle two epochs.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import csv
 import dataclasses
 import functools
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,21 +31,25 @@ from torch import nn
 from tqdm import tqdm
 
 from engine import distributed, fid
-from engine.checkpoint import atomic_write, load_checkpoint, save_checkpoint
-from engine.config import DiffusionConfig, ModelConfig
+from engine.clitools import (at_least_one, below_one, int_range, non_negative_float, positive_float,
+                             unit_float)
+from engine.backends import build_runner
+from engine.checkpoint import Checkpoint, atomic_write, expected_shapes, load_checkpoint, save_checkpoint
+from engine.config import PRESETS, DiffusionConfig, ModelConfig
 from engine.diffusion import alpha_bar as make_alpha_bar
 from engine.diffusion import eps_loss
 from engine.distributed import World
-from engine.generate import SampleSettings, default_batch_size, generate
+from engine.generate import default_batch_size, generate
 from engine.images import check_writable, class_rows, grid
 from engine.model import UNet
-from training.data import Dataset, load_dataset
-from training.state import STATE_FILE, StateError, load_state, save_state
+from engine.runner import Runner
+from engine.sampler import SampleSettings
+from training.data import DATASETS, Dataset, load_dataset
+from training.state import STATE_FILE, StateError, load_state, read_train_config, save_state
 
 LOG_COLUMNS = ("step", "epoch", "lr", "loss", "grad_norm", "ema_decay", "images_per_s", "fid")
 SAMPLES_PER_CLASS = 4
 GRID_BUDGET = 0.1  # the end-of-run grid is skipped when it would cost more than this share of the run
-SAMPLE_GUIDANCE = 1.8  # the report's w
 DEFAULT_EPOCHS = 200  # the report's run length when neither --steps nor --epochs is given
 
 
@@ -86,6 +92,27 @@ class TrainConfig:
 # The fields that define a run: a resumed run must keep them.
 HYPERPARAMETERS = ("preset", "dataset", "batch_size", "lr", "warmup_multiplier", "warmup_epochs", "lr_schedule",
                    "weight_decay", "grad_clip", "p_uncond", "ema_decay", "min_snr_gamma", "dropout", "seed")
+# What --resume takes from the saved run unless given again: the hyper-parameters, where the data
+# is, and how the run checkpoints, logs, samples and scores. Not kept: the length (kept unless
+# --steps/--epochs is given), --device, --compile, --time-limit and the progress bar, which
+# belong to one invocation.
+KEPT_ON_RESUME = HYPERPARAMETERS + ("data_dir", "checkpoint_every", "log_every", "sample_every", "sample_steps",
+                                    "fid_every", "fid_samples", "fid_ref", "precision")
+
+# The one definition of each numeric field's type and range: ddpm-train parses its flags with
+# these, and check_config applies them to every TrainConfig (from flags, code or a state file).
+FIELD_TYPES = {
+    "steps": int_range(0), "epochs": non_negative_float, "batch_size": int_range(1),
+    "seed": int_range(0, 2**32 - 1), "lr": positive_float, "warmup_multiplier": at_least_one,
+    "warmup_epochs": non_negative_float, "weight_decay": non_negative_float, "grad_clip": positive_float,
+    "p_uncond": unit_float, "ema_decay": below_one, "dropout": below_one, "min_snr_gamma": positive_float,
+    "checkpoint_every": int_range(1), "sample_every": int_range(0), "sample_steps": int_range(1),
+    "log_every": int_range(1), "fid_every": int_range(0), "fid_samples": int_range(2), "time_limit": positive_float,
+}
+CHOICES = {"preset": tuple(PRESETS), "dataset": DATASETS, "lr_schedule": ("constant", "cosine"),
+           "precision": ("auto", "fp32", "bf16")}
+OPTIONAL = ("steps", "epochs", "warmup_epochs", "dropout", "min_snr_gamma", "time_limit", "data_dir", "init_from",
+            "fid_ref")
 
 
 # ---- the recipe's arithmetic -----------------------------------------------------------
@@ -219,38 +246,31 @@ def resolve(config: TrainConfig, dataset_size: int, preset: ModelConfig) -> tupl
     return config, total
 
 
-def check_config(config: TrainConfig, procs: World) -> None:
+def check_config(config: TrainConfig, processes: int = 1) -> None:
+    """The one check of a TrainConfig's values, whatever made it: types (an int is not 3.0 or
+    true), ranges (FIELD_TYPES), choices and the rules that tie fields together."""
     problems = []
-    if config.batch_size < 1 or config.batch_size % procs.size:
-        problems.append(f"--batch-size {config.batch_size} must be a positive multiple of the "
-                        f"{procs.size} processes")
-    if config.steps is not None and config.steps < 0:
-        problems.append("--steps must be >= 0")
-    if config.epochs is not None and config.epochs < 0:
-        problems.append("--epochs must be >= 0")
-    if config.lr_schedule not in ("constant", "cosine"):
-        problems.append(f"unknown --lr-schedule {config.lr_schedule!r}; use constant or cosine")
-    if config.precision not in ("auto", "fp32", "bf16"):
-        problems.append(f"unknown --precision {config.precision!r}; use auto, fp32 or bf16")
-    if not 0 <= config.p_uncond <= 1:
-        problems.append("--p-uncond must be in [0, 1]")
-    if not 0 <= config.ema_decay < 1:
-        problems.append("--ema-decay must be in [0, 1)")
-    if config.min_snr_gamma is not None and not config.min_snr_gamma > 0:
-        problems.append("--min-snr-gamma must be > 0")
-    if config.dropout is not None and not 0 <= config.dropout < 1:
-        problems.append("--dropout must be in [0, 1)")
-    if config.lr <= 0 or config.warmup_multiplier < 1 or (config.warmup_epochs or 0) < 0:
-        problems.append("need --lr > 0, --warmup-multiplier >= 1 and --warmup-epochs >= 0")
-    if config.time_limit is not None and not config.time_limit > 0:
-        problems.append("--time-limit must be > 0")
-    for name in ("checkpoint_every", "log_every", "sample_steps"):
-        if getattr(config, name) < 1:
-            problems.append(f"--{name.replace('_', '-')} must be >= 1")
-    if config.sample_every < 0:
-        problems.append("--sample-every must be >= 0")
-    if config.fid_every < 0 or config.fid_samples < 2:
-        problems.append("need --fid-every >= 0 and --fid-samples >= 2")
+    for field in dataclasses.fields(TrainConfig):
+        name, value = field.name, getattr(config, field.name)
+        flag = "--" + name.replace("_", "-")
+        if value is None and name in OPTIONAL:
+            continue
+        if name in FIELD_TYPES:
+            try:
+                if type(value) not in (int, float):
+                    raise ValueError(f"{str(value)[:40]!r} is not a number")
+                FIELD_TYPES[name](repr(value))
+            except (ValueError, argparse.ArgumentTypeError) as e:
+                problems.append(f"{flag} {e}")
+        elif name in CHOICES:
+            if value not in CHOICES[name]:
+                problems.append(f"{flag} {str(value)[:40]!r} is not one of {', '.join(CHOICES[name])}")
+        elif type(value) is not (bool if field.type == "bool" else str):
+            problems.append(f"{flag} {str(value)[:40]!r} is not a {'flag' if field.type == 'bool' else 'string'}")
+    if config.steps is not None and config.epochs is not None:
+        problems.append("give --steps or --epochs, not both")
+    if type(config.batch_size) is int and processes > 1 and config.batch_size % processes:
+        problems.append(f"--batch-size {config.batch_size} must be a multiple of the {processes} processes")
     if config.fid_every and not config.fid_ref:
         problems.append("--fid-every needs --fid-ref STATS.npz (write one with ddpm-engine fid-ref)")
     if problems:
@@ -263,13 +283,42 @@ def with_defaults(train_config: dict) -> dict:
 
 
 def saved_config(out: Path) -> dict | None:
-    """The resolved TrainConfig of the run in `out`, or None when it holds no state."""
+    """The TrainConfig saved by the run in `out` (from the state's header alone), checked like any
+    other config; None when `out` holds no state."""
     path = out / STATE_FILE
-    return with_defaults(load_state(path).train_config) if path.is_file() else None
+    if not path.is_file():
+        return None
+    saved = read_train_config(path)
+    unknown = set(saved) - {f.name for f in dataclasses.fields(TrainConfig)}
+    missing = {"preset", "dataset"} - set(saved)
+    if unknown or missing:
+        what = f"unknown field {sorted(unknown)[0][:40]!r}" if unknown else f"no {sorted(missing)[0]}"
+        raise StateError(f"{path}: its training config is invalid ({what})")
+    try:
+        check_config(TrainConfig(**with_defaults(saved)))
+    except ValueError as e:
+        raise StateError(f"{path}: its training config is invalid ({e})") from None
+    return saved
+
+
+def check_resume(config: TrainConfig, kept: dict, start: int, dataset_size: int, is_main: bool) -> None:
+    """Refuse a resumed run whose hyper-parameters differ from the saved ones; warn (one line) when
+    a new length changes the learning-rate schedule still to come."""
+    for key in HYPERPARAMETERS:
+        if getattr(config, key) != kept[key]:
+            raise StateError(f"--{key.replace('_', '-')} {getattr(config, key)} differs from the run's "
+                             f"{kept[key]}; a resumed run keeps its settings")
+    if config.steps != kept["steps"] and config.lr_schedule == "cosine" and is_main:
+        # The warm-up is fixed in epochs; the cosine decay after it ends with the run.
+        epoch = start * config.batch_size / dataset_size
+        was = get_lr(epoch, config, kept["steps"] * config.batch_size / dataset_size)
+        now = get_lr(epoch, config, config.steps * config.batch_size / dataset_size)
+        print(f"warning: the run was {kept['steps']} steps long and is now {config.steps}: its cosine decay now "
+              f"ends at the new length (learning rate at step {start}: {was:.3g} -> {now:.3g})", file=sys.stderr)
 
 
 def prepare(config: TrainConfig, procs: World) -> Run:
-    check_config(config, procs)
+    check_config(config, procs.size)
     out = Path(config.out)
     check_writable(out)
     preset = ModelConfig.from_name(config.preset)
@@ -293,23 +342,17 @@ def prepare(config: TrainConfig, procs: World) -> Run:
         dataset = load_dataset(config.dataset, Path(config.data_dir) if config.data_dir else None,
                                preset.image_size, config.seed)
 
-    if saved is not None:
-        wanted, kept = dataclasses.asdict(config), with_defaults(saved.train_config)
-        for key in HYPERPARAMETERS:
-            given = wanted[key]
-            if given is not None and given != kept[key]:
-                raise StateError(f"--{key.replace('_', '-')} {given} differs from the run's "
-                                 f"{kept[key]}; a resumed run keeps its settings")
-        steps = config.steps if config.steps is not None else (None if config.epochs is not None
-                                                                else kept["steps"])
-        config = dataclasses.replace(config, **{k: kept[k] for k in HYPERPARAMETERS}, steps=steps)
+    if config.batch_size > len(dataset):
+        raise ValueError(f"--batch-size {config.batch_size} is more than the {len(dataset)} images of the data set")
     config, total = resolve(config, len(dataset), preset)
     model_config = dataclasses.replace(preset, num_classes=dataset.num_classes, dropout=config.dropout)
     if saved is not None:
+        check_resume(config, with_defaults(saved.train_config), saved.step, len(dataset), procs.is_main)
         if saved.model_config != model_config.to_json():
-            raise StateError(f"{state_path} was trained with a different model or dataset ({saved.model_config})")
+            raise StateError(f"{state_path} was trained with a different model or dataset ({saved.model_config[:200]})")
         if saved.step > total:
             raise StateError(f"{state_path} is at step {saved.step}, past --steps {total}")
+        check_saved_tensors(saved, model_config, state_path)
     start = saved.step if saved is not None else 0
     init_weights = None
     if saved is None and config.init_from is not None:
@@ -318,6 +361,23 @@ def prepare(config: TrainConfig, procs: World) -> Run:
     if config.fid_every and procs.is_main:  # loaded before training, so a bad file fails at once
         fid_tools = (fid.load_network(), fid.load_stats(Path(config.fid_ref)))
     return Run(config, model_config, dataset, total, start, saved, init_weights, fid_tools)
+
+
+def check_saved_tensors(saved, model_config: ModelConfig, path: Path) -> None:
+    """The state's weights and Adam moments must have the shapes of the run's model (found on the
+    meta device, without memory), and its weights must be finite."""
+    with torch.device("meta"):
+        params = list(UNet(model_config).named_parameters())
+    shapes = expected_shapes(model_config)
+    for part in (saved.model, saved.ema):
+        if {k: tuple(v.shape) for k, v in part.items()} != shapes:
+            raise StateError(f"{path}: its weights do not have the shapes of the run's model")
+        if not all(torch.isfinite(v).all() for v in part.values()):
+            raise StateError(f"{path}: its weights hold NaN or inf")
+    for index, moments in saved.optimizer["state"].items():
+        if not 0 <= index < len(params) or any(isinstance(v, torch.Tensor) and v.numel() > 1
+                                               and v.shape != params[index][1].shape for v in moments.values()):
+            raise StateError(f"{path}: its optimizer state does not fit the run's model")
 
 
 def load_init_weights(path: Path, model_config: ModelConfig) -> dict:
@@ -376,7 +436,10 @@ def _train(config: TrainConfig, procs: World, device: torch.device, on_step) -> 
     if run.saved is not None:
         model.load_state_dict(run.saved.model)
         ema.load_state_dict(run.saved.ema)
-        optimizer.load_state_dict(run.saved.optimizer)
+        try:
+            optimizer.load_state_dict(run.saved.optimizer)
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise StateError(f"{STATE_FILE} in {out}: its optimizer state does not fit the model ({str(e)[:100]})") from None
         run.saved = None  # free the host copy
     elif config.init_from is not None:
         for net_ in (model, ema):
@@ -509,10 +572,11 @@ def open_log(path: Path, start_step: int):
     return open(path, "a")
 
 
-def training_sampler(config: TrainConfig, diffusion: DiffusionConfig) -> SampleSettings:
-    """What the grids and the FID evaluations sample with: DDIM --sample-steps, the report's w."""
-    return SampleSettings(sampler="ddim", steps=min(config.sample_steps, diffusion.num_timesteps),
-                          guidance=SAMPLE_GUIDANCE)
+def training_runner(ema: UNet, diffusion: DiffusionConfig, config: TrainConfig, device: torch.device) -> Runner:
+    """What the grids and the FID evaluations sample with: the eager EMA model, DDIM --sample-steps
+    and the sampler's default guidance."""
+    settings = SampleSettings(sampler="ddim", steps=min(config.sample_steps, diffusion.num_timesteps))
+    return build_runner(Checkpoint(ema, diffusion, ()), settings, "eager", device, "fp32")
 
 
 FID_CHUNK = 256  # images sampled, then featurised, at a time in an FID evaluation (bounded memory)
@@ -524,12 +588,12 @@ def evaluate_fid(ema: UNet, mc: ModelConfig, diffusion: DiffusionConfig, config:
     """FID of config.fid_samples images of the EMA model (DDIM --sample-steps, the grids' guidance,
     class i % num_classes for image i, the run's seed) against the reference statistics."""
     classes = list(range(mc.num_classes))
-    settings = training_sampler(config, diffusion)
+    runner = training_runner(ema, diffusion, config, device)
 
     def batches():
         for indices in torch.arange(config.fid_samples).split(FID_CHUNK):
-            images, _ = generate(ema, mc, diffusion, settings, indices, classes, seed=config.seed,
-                                 batch_size=default_batch_size(device), device=device, progress=False)
+            images, _ = generate(runner, indices, classes, seed=config.seed, batch_size=default_batch_size(device),
+                                 progress=False)
             yield images
 
     stats = fid.feature_stats(network, batches(), config.fid_samples, progress=False, source="training samples")
@@ -547,8 +611,7 @@ def grid_is_cheap(steps_trained: int, config: TrainConfig, mc: ModelConfig) -> b
 def save_samples(path: Path, ema: UNet, mc: ModelConfig, diffusion: DiffusionConfig, config: TrainConfig,
                  device: torch.device) -> None:
     classes = list(range(mc.num_classes))
-    settings = training_sampler(config, diffusion)
-    images, labels = generate(ema, mc, diffusion, settings, torch.arange(SAMPLES_PER_CLASS * len(classes)), classes,
-                              seed=0, batch_size=default_batch_size(device), device=device, progress=False)
+    images, labels = generate(training_runner(ema, diffusion, config, device), torch.arange(SAMPLES_PER_CLASS * len(classes)),
+                              classes, seed=0, batch_size=default_batch_size(device), progress=False)
     picture = Image.fromarray(grid(class_rows(images, labels, classes)))
     atomic_write(path, lambda tmp: picture.save(tmp, format="PNG"))

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from engine.checkpoint import FORMAT, Checkpoint, atomic_write
-from engine.model import AttnBlock, GroupNorm32, UNet
+from engine.model import AttnBlock, GroupNorm32, UNet, swap_modules
 from engine.runtimes.onnx import INPUT_NAMES, OUTPUT_NAME, open_session
 
 # Opset 17: before GroupNormalization (18/21) and the ReduceMean axes-as-input change (18);
@@ -104,12 +104,8 @@ class EpsilonGraph(nn.Module):
 
 def export_module(model: UNet, fp16: bool) -> EpsilonGraph:
     """A copy of `model` with GroupNorm and attention swapped for their export versions."""
-    unet = copy.deepcopy(model).cpu().float().eval()
-    for kind, swap in ((GroupNorm32, ExportGroupNorm), (AttnBlock, ExportAttnBlock)):  # norms first: attention keeps its own
-        for module in list(unet.modules()):
-            for name, child in module.named_children():
-                if isinstance(child, kind):
-                    setattr(module, name, swap(child))
+    # Children first: an attention block keeps its norm, already swapped.
+    unet = swap_modules(copy.deepcopy(model).cpu().float().eval(), {GroupNorm32: ExportGroupNorm, AttnBlock: ExportAttnBlock})
     if fp16:
         unet.half()
         # Float32 islands: the embeddings (UNet.forward casts emb to x's dtype) and the norms' affine parameters.

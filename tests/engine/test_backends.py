@@ -5,12 +5,14 @@ import numpy as np
 import pytest
 import torch
 
-from engine.backends import (BackendError, EagerModel, build_backend, interpreter_on, onnxruntime_installed,
+from engine import backends
+from engine.backends import (BackendError, EagerModel, build_runner, interpreter_on, onnxruntime_installed,
                              resolve_backend)
 from engine.checkpoint import load_checkpoint, save_checkpoint
 from engine.cli import main
 from engine.config import CIFAR10_CLASSES, PRESETS, DiffusionConfig
 from engine.model import UNet
+from engine.sampler import SampleSettings
 
 
 @pytest.fixture(scope="module")
@@ -25,10 +27,12 @@ def checkpoint(tmp_path_factory):
     return path
 
 
-def sample(checkpoint, out, *extra):
+def sample(checkpoint, out, *extra, runs=None, capsys=None):
     code = main(["sample", "--device", "cpu", "--checkpoint", str(checkpoint), "--out", str(out), "--no-progress", "-n", "2",
                  "--sampler", "ddim", "--steps", "2", "--seed", "3", *extra])
     assert code == 0
+    if runs is not None:  # what the command says ran, e.g. "(... onnx-fp32 on cpu)"
+        assert f"; {runs} on cpu" in capsys.readouterr().out
     return np.load(out / "samples.npz")["x"].astype(int)
 
 
@@ -37,24 +41,27 @@ def eager_images(checkpoint, tmp_path_factory):
     return sample(checkpoint, tmp_path_factory.mktemp("eager"), "--backend", "eager")
 
 
-@pytest.mark.parametrize("extra", [
-    ["--backend", "auto"],
-    ["--backend", "onnx"],
-    ["--backend", "eager", "--precision", "bf16"],
+@pytest.mark.parametrize("extra, runs", [
+    (["--backend", "auto"], "onnx-fp32"),  # a run over ONNX_MIN_IMAGE_STEPS (lowered below)
+    (["--backend", "onnx"], "onnx-fp32"),
+    (["--backend", "eager", "--precision", "bf16"], "eager-bf16"),
 ], ids=["auto", "onnx", "eager-bf16"])
-def test_same_seed_same_images_across_backends(checkpoint, eager_images, tmp_path, extra):
+def test_same_seed_same_images_across_backends(checkpoint, eager_images, tmp_path, capsys, monkeypatch, extra, runs):
     pytest.importorskip("onnxruntime")
-    diff = abs(sample(checkpoint, tmp_path / "out", *extra) - eager_images)
+    monkeypatch.setattr(backends, "ONNX_MIN_IMAGE_STEPS", 4)  # this run: 2 images x 2 steps
+    diff = abs(sample(checkpoint, tmp_path / "out", *extra, runs=runs, capsys=capsys) - eager_images)
     # fp32 backends: rounding only; bf16: a few intensity levels.
     assert diff.mean() <= (0.05 if "bf16" not in extra else 2.0) and diff.max() <= 8, (diff.mean(), diff.max())
 
 
-def test_engine_backend_in_the_interpreter(checkpoint, eager_images, tmp_path):
-    """The fused model (Triton interpreter on the CPU) through the runner's eager path."""
+def test_fused_backend_in_the_interpreter(checkpoint, eager_images, tmp_path, capsys):
+    """The fused model (Triton interpreter on the CPU) through the Runner's plain loop."""
     if not interpreter_on():  # a CUDA machine: conftest.py leaves TRITON_INTERPRET unset there
-        pytest.skip("needs TRITON_INTERPRET=1 (set on machines without CUDA); on CUDA the engine is tested by "
+        pytest.skip("needs TRITON_INTERPRET=1 (set on machines without CUDA); on CUDA the fused model is tested by "
                     "tests/engine/test_graphs.py and test_fused.py")
-    diff = abs(sample(checkpoint, tmp_path / "out", "--backend", "engine", "--precision", "fp32") - eager_images)
+    out = sample(checkpoint, tmp_path / "out", "--backend", "fused", "--precision", "fp32", runs="fused-fp32",
+                 capsys=capsys)
+    diff = abs(out - eager_images)
     assert diff.max() <= 1, diff.max()
 
 
@@ -73,7 +80,7 @@ def test_refusals_are_one_line(checkpoint, tmp_path, capsys, monkeypatch):
         return main(["sample", "--device", "cpu", "--checkpoint", str(path), "--out", str(tmp_path / "o"), "--no-progress", *args])
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    assert run("--backend", "engine") == 1
+    assert run("--backend", "fused") == 1
     assert "needs a CUDA device" in capsys.readouterr().err
     assert run("--backend", "tensorrt") == 1
     assert "runs a .plan file" in capsys.readouterr().err
@@ -87,10 +94,15 @@ def test_refusals_are_one_line(checkpoint, tmp_path, capsys, monkeypatch):
     assert run(path=bad_onnx) == 1
     err = capsys.readouterr().err
     assert ("not a readable ONNX model" in err or "needs onnxruntime" in err) and len(err.strip().splitlines()) == 1
-    if torch.cuda.is_available():
-        return
-    assert run("--device", "cuda") == 1
-    assert "CUDA is not available" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cuda_without_a_gpu_is_one_line(checkpoint, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # any machine, GPU or not
+    code = main(["sample", "--device", "cuda", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "o"),
+                 "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 1 and "CUDA is not available" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
 
 
@@ -102,13 +114,14 @@ def test_an_onnx_checkpoint_only_runs_on_onnx(checkpoint, tmp_path):
     path = tmp_path / "m.onnx"
     export_onnx(load_checkpoint(checkpoint), path)
     ckpt = load_onnx(path)
-    assert build_backend(ckpt, "auto", torch.device("cpu")).name == "onnx-fp32"
+    assert ckpt.runtime == "onnx"
+    assert build_runner(ckpt, SampleSettings(), "auto").name == "onnx-fp32"
     with pytest.raises(BackendError, match="use --backend onnx"):
-        build_backend(ckpt, "eager", torch.device("cpu"))
+        build_runner(ckpt, SampleSettings(), "eager")
 
 
 def test_auto_choices():
-    assert resolve_backend("auto", torch.device("cuda")) == "engine"
+    assert resolve_backend("auto", torch.device("cuda")) == "fused"
     assert resolve_backend("auto", torch.device("cpu"), image_steps=10) == "eager"
     if onnxruntime_installed():
         assert resolve_backend("auto", torch.device("cpu"), image_steps=10**6) == "onnx"

@@ -12,7 +12,6 @@ from engine.config import PRESETS, ModelConfig
 from engine.fused import FusedUNet, fuse
 from engine.model import UNet
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (real presets, native Triton)")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Non-power-of-two channels (24, 48), 3 channels per group, attention at 8x8, 5 classes.
 ODD = ModelConfig(image_size=16, ch=24, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), num_groups=8,
@@ -104,7 +103,7 @@ def test_unknown_precision_is_refused():
         fuse(UNet(ODD), "fp8")
 
 
-@needs_cuda
+@pytest.mark.gpu
 @pytest.mark.parametrize("preset", ["cifar10-compact", "ddpm-cifar10", "ddpm-stl10"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 def test_real_presets_on_the_gpu(preset, precision):

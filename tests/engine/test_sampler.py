@@ -7,7 +7,8 @@ from torch import nn
 from engine.config import DiffusionConfig
 from engine.diffusion import alpha_bar
 from engine.noise import image_keys
-from engine.sampler import ddim_plan, ddpm_plan, guided_eps, sample_loop, step, timestep_sequence
+from engine.runner import Runner
+from engine.sampler import SampleSettings, ddim_plan, ddpm_plan, guided_eps, step, timestep_sequence
 
 SHAPE = (2, 3, 3)
 
@@ -31,7 +32,7 @@ class GaussianOracle(nn.Module):
 
 def run(plan, model, labels, null_class=2, guidance=0.0):
     keys = image_keys(123, torch.arange(len(labels)))
-    return sample_loop(model, plan, labels, keys, SHAPE, guidance, null_class)
+    return Runner("oracle", model, plan, SHAPE, null_class, guidance)(labels, keys)
 
 
 MEANS = torch.stack([torch.full(SHAPE, 0.5), torch.full(SHAPE, -0.3), torch.zeros(SHAPE)])
@@ -130,3 +131,15 @@ def test_zero_guidance_is_the_conditional_model():
     model = GaussianOracle(DiffusionConfig(), torch.randn(3, *SHAPE), 0.5)
     x, t, y = torch.randn(4, *SHAPE), torch.randint(0, 1000, (4,)), torch.tensor([0, 1, 1, 0])
     assert torch.equal(guided_eps(model, x, t, y, 0.0, null_class=2), model(x, t, y))
+
+
+def test_sample_settings_resolve_their_steps():
+    diffusion = DiffusionConfig(num_timesteps=100)
+    assert SampleSettings(sampler="ddpm").num_steps(100) == 100
+    assert SampleSettings(sampler="ddim").num_steps(100) == 50
+    assert SampleSettings(sampler="ddim").num_steps(20) == 20  # a model with T < 50
+    assert SampleSettings(sampler="ddim", steps=7).plan(diffusion).num_steps == 7
+    with pytest.raises(ValueError, match="exceeds the model's T = 100"):
+        SampleSettings(steps=101).plan(diffusion)
+    with pytest.raises(ValueError, match="unknown sampler"):
+        SampleSettings(sampler="euler").plan(diffusion)

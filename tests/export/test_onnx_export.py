@@ -9,8 +9,10 @@ import pytest
 import torch
 from onnx import TensorProto, helper, shape_inference
 
-from engine.checkpoint import CheckpointError, save_checkpoint
-from engine.generate import SampleSettings, generate
+from engine.checkpoint import Checkpoint, CheckpointError, save_checkpoint
+from engine.backends import build_runner
+from engine.generate import generate
+from engine.sampler import SampleSettings
 from engine.runtimes import onnx_export
 from export.cli import main as export_main
 from engine.runtimes.onnx_export import export_module, random_inputs, relative_error
@@ -90,9 +92,9 @@ def test_sampling_through_onnx_gives_the_same_images(tiny, onnx_fp32, onnx_fp16,
     """Same seed, same images as the eager model, up to precision; guidance sends batches of 2B."""
     onnx_ckpt = load_onnx(onnx_fp32 if precision == "fp32" else onnx_fp16, "cpu")
     settings = SampleSettings(sampler=sampler, steps=6, guidance=1.5)
-    kwargs = dict(settings=settings, indices=torch.arange(3), classes=[0, 3], seed=11, batch_size=2, progress=False)
-    want, want_labels = generate(tiny.model, tiny.model.config, tiny.diffusion, **kwargs)
-    got, got_labels = generate(onnx_ckpt.model, onnx_ckpt.model.config, onnx_ckpt.diffusion, **kwargs)
+    kwargs = dict(indices=torch.arange(3), classes=[0, 3], seed=11, batch_size=2, progress=False)
+    want, want_labels = generate(build_runner(tiny, settings, "eager"), **kwargs)
+    got, got_labels = generate(build_runner(onnx_ckpt, settings, "onnx"), **kwargs)
     assert (got_labels == want_labels).all()
     assert 0.3 < ((want > 0) & (want < 255)).mean()  # not a comparison of saturated pixels
     assert np.abs(got.astype(int) - want.astype(int)).max() <= max_levels
@@ -163,9 +165,13 @@ def test_nan_model_fails_verification_and_keeps_the_good_file(tiny, onnx_fp32, t
     shutil.copy(onnx_fp32, out)
     good = out.read_bytes()
     assert export_main(["--checkpoint", str(bad), "--out", str(out)]) == 1
-    assert "disagrees with PyTorch" in _one_error_line(capsys)
+    assert "NaN" in _one_error_line(capsys)  # refused when the checkpoint loads
     assert out.read_bytes() == good
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "nan.safetensors"]
+    # A NaN model that gets past loading (in memory) fails the verification itself.
+    with pytest.raises(onnx_export.ExportError, match="disagrees with PyTorch"):
+        onnx_export.export_onnx(Checkpoint(model, tiny.diffusion, tiny.class_names), out)
+    assert out.read_bytes() == good
 
 
 def test_load_onnx_refuses_other_files(tmp_path):

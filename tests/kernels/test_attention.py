@@ -12,7 +12,7 @@ import torch
 pytest.importorskip("triton")
 
 from kernels import attention  # noqa: E402
-from tests.kernels.common import DEVICE, needs_gpu  # noqa: E402
+from tests.kernels.common import DEVICE  # noqa: E402
 
 
 # fp16/bf16 also round the softmax weights to the input dtype before the p @ v product.
@@ -113,7 +113,7 @@ def test_rejects_head_dims_above_256():
         attention(q, q, q)
 
 
-@needs_gpu
+@pytest.mark.gpu
 @pytest.mark.parametrize("shape", [
     (1024, 1, 256, 256),
     (256, 1, 1024, 256),

@@ -11,7 +11,7 @@ pytest.importorskip("triton")
 
 from kernels import group_norm  # noqa: E402
 from kernels.group_norm import default_split  # noqa: E402
-from tests.kernels.common import DEVICE, needs_gpu  # noqa: E402
+from tests.kernels.common import DEVICE  # noqa: E402
 
 
 # Output rounding dominates: about one unit in the last place of each dtype.
@@ -147,7 +147,7 @@ def test_rejects_channels_that_do_not_split_into_groups():
         group_norm(x, None, None, 8)
 
 
-@needs_gpu
+@pytest.mark.gpu
 @pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("shape", [
     (1024, 256, 16, 16, 32),
@@ -163,7 +163,7 @@ def test_real_shapes_on_gpu(shape, dtype, layout):
     check(x, weight, bias, groups, silu=True, add=add, split=None)
 
 
-@needs_gpu
+@pytest.mark.gpu
 def test_automatic_split_engages_and_agrees_with_fused():
     x, weight, bias, add = make_inputs((2, 256, 32, 32), torch.bfloat16, torch.channels_last)
     assert default_split(x, 32) > 1

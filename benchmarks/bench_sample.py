@@ -1,16 +1,17 @@
-"""The engine against the baselines, measured in the same run (issue 5).
+"""Sampling: the fused backend against the baselines, measured in the same run (issue 5).
 
 Rows (see benchmarks/conftest.py's `record`):
 - what="unet": one guided sampling step (the U-Net on the 2B batch, the guidance combine,
-  the noise and the update; for the engine one CUDA-graph replay of exactly that) per
+  the noise and the update; for the fused backend one CUDA-graph replay of exactly that) per
   backend at U-Net batch 2, 256, 1024 for ddpm-cifar10 and 2, 256 for ddpm-stl10;
 - what="sample": the whole `-n 1000` run with guidance, DDPM 1000 steps and DDIM 50
-  steps, eager fp32 vs the engine.
-On the CPU, the quick mode: the tiny preset at batch 2, a few rounds; the engine (Triton
+  steps, eager fp32 vs fused.
+On the CPU, the quick mode: the tiny preset at batch 2, a few rounds; fused (Triton
 kernels, CUDA graphs) and the heavy sizes are skipped with the reason. Never asserts a speed.
 """
 
 import os
+from dataclasses import replace
 import subprocess
 import sys
 import time
@@ -19,18 +20,19 @@ import pytest
 import torch
 
 from benchmarks.harness import FULL, ON_GPU, Timing, heavy, measure
-from engine.backends import BackendError, build_backend
-from engine.bench import BENCH_BACKENDS, GUIDANCE, flops_per_image, step_fn
+from engine.backends import BackendError, build_runner
+from engine.bench import BENCH_BACKENDS, flops_per_image, step_fn
 from engine.checkpoint import Checkpoint
 from engine.cli import BUNDLED_CHECKPOINT
 from engine.config import CIFAR10_CLASSES, PRESETS, DiffusionConfig
-from engine.generate import SampleSettings, generate
+from engine.generate import generate
 from engine.model import UNet
-from engine.sampler import ddpm_plan
+from engine.sampler import SampleSettings
 
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 STEP_CASES = [("ddpm-cifar10", b) for b in (2, 256, 1024)] + [("ddpm-stl10", b) for b in (2, 256)]
 QUICK = ("tiny", 2)
+SETTINGS = SampleSettings(sampler="ddpm")  # all T steps, the default guidance
 _MODELS: dict = {}
 
 
@@ -42,8 +44,8 @@ def checkpoint(preset: str) -> Checkpoint:
 
 
 def skip_reason(backend: str) -> str | None:
-    if backend == "engine" and not ON_GPU:
-        return "engine needs CUDA (the Triton interpreter on the CPU is for tests, not timing)"
+    if backend == "fused" and not ON_GPU:
+        return "fused needs CUDA (the Triton interpreter on the CPU is for tests, not timing)"
     if backend == "eager-bf16" and not ON_GPU:
         return "bf16 convolutions have no fast CPU path; measured on the GPU"
     if backend == "onnx" and ON_GPU:
@@ -64,17 +66,16 @@ def test_step(record, preset, batch, backend):
     ckpt = checkpoint(preset)
     kind, precision = BENCH_BACKENDS[backend]
     try:
-        built = build_backend(ckpt, kind, DEVICE, precision, max_images=batch // 2)
+        runner = build_runner(ckpt, SETTINGS, kind, DEVICE, precision, max_images=batch // 2)
     except BackendError as e:
         pytest.skip(str(e))
-    plan = ddpm_plan(ckpt.diffusion).to(DEVICE)
-    timing = measure(step_fn(built, plan, batch // 2, ckpt.model.config, DEVICE))
+    timing = measure(step_fn(runner, batch // 2, ckpt.config))
     record(what="unet", backend=backend, batch=batch, timing=timing,
-           flops=flops_per_image(ckpt.model.config) * batch, preset=preset, runs=built.name, guidance=GUIDANCE)
+           flops=flops_per_image(ckpt.config) * batch, preset=preset, runs=runner.name, guidance=SETTINGS.guidance)
 
 
 @pytest.mark.skipif(**heavy)
-@pytest.mark.parametrize("backend", ["eager-fp32", "engine"])
+@pytest.mark.parametrize("backend", ["eager-fp32", "fused"])
 @pytest.mark.parametrize("sampler, steps", [("ddim", 50), ("ddpm", 1000)])
 def test_sample_1000(record, backend, sampler, steps):
     """`ddpm-engine sample -n 1000` with guidance 1.8, ddpm-cifar10, batch 500 (one U-Net batch of 1000)."""
@@ -85,13 +86,12 @@ def test_sample_1000(record, backend, sampler, steps):
                     "(DDPM_BENCH_SLOW=1 runs it)")
     ckpt = checkpoint("ddpm-cifar10")
     kind, precision = BENCH_BACKENDS[backend]
-    built = build_backend(ckpt, kind, DEVICE, precision, max_images=500)
-    settings = SampleSettings(sampler=sampler, steps=steps, guidance=GUIDANCE)
-    run = lambda: generate(built.model, ckpt.model.config, ckpt.diffusion, settings, torch.arange(1000),
-                           list(range(10)), 0, 500, DEVICE, progress=False, loop=built.loop)
+    runner = build_runner(ckpt, replace(SETTINGS, sampler=sampler, steps=steps), kind, DEVICE, precision,
+                          max_images=500)
+    run = lambda: generate(runner, torch.arange(1000), list(range(10)), 0, 500, progress=False)
     timing = measure(run, warmup=0, rounds=3 if steps <= 50 else 1)  # the first call (capture) is timed apart
     record(what="sample", backend=backend, batch=1000, timing=timing, sampler=sampler, steps=steps,
-           images_per_s=round(1000 / (timing.median_ms * 1e-3), 1), runs=built.name)
+           images_per_s=round(1000 / (timing.median_ms * 1e-3), 1), runs=runner.name)
 
 
 @pytest.mark.skipif(**heavy)
