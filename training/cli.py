@@ -10,11 +10,11 @@ from pathlib import Path
 
 from engine.checkpoint import CheckpointError
 from engine.clitools import Parser, at_least_one, below_one, int_range, non_negative_float, positive_float, run_main, unit_float
-from engine.config import PRESETS
 from engine.fid import FidError
-from training.data import DATASETS, DatasetError
+from training.data import DatasetError
 from training.state import StateError
-from training.train import DEFAULT_EPOCHS, HYPERPARAMETERS, OtherRankFailed, TrainConfig, saved_config, train
+from training.train import (CHOICES, DEFAULT_EPOCHS, FIELD_TYPES, KEPT_ON_RESUME, OtherRankFailed, TrainConfig,
+                            saved_config, train)
 
 EXAMPLES = """examples:
   # a CPU smoke run (a few minutes), then sample from it
@@ -39,6 +39,13 @@ EXAMPLES = """examples:
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 
 
+def field(name: str) -> dict:
+    """A flag for TrainConfig.<name>: its type and range from training.train.FIELD_TYPES (the one
+    definition, which check_config also applies), and default None so that --resume can tell a
+    given flag from a default."""
+    return {"type": FIELD_TYPES[name], "default": None}
+
+
 def build_parser() -> Parser:
     d = DEFAULTS
     parser = Parser(prog="ddpm-train", epilog=EXAMPLES,
@@ -47,42 +54,48 @@ def build_parser() -> Parser:
                                 "(EMA weights, loadable by ddpm-engine), OUT/state.safetensors (for --resume), "
                                 "OUT/log.csv and OUT/samples/step-XXXXXXX.png. Runs under torchrun for "
                                 "several GPUs (or CPU processes).")
-    # Hyper-parameters default to None here, so that --resume can tell a given flag from a default.
     run = parser.add_argument_group("run")
-    run.add_argument("--preset", choices=list(PRESETS), help="model preset (required unless --resume)")
-    run.add_argument("--dataset", choices=DATASETS, help="training data (required unless --resume)")
+    run.add_argument("--preset", choices=CHOICES["preset"], help="model preset (required unless --resume)")
+    run.add_argument("--dataset", choices=CHOICES["dataset"], help="training data (required unless --resume)")
     run.add_argument("--data-dir", type=Path, default=None,
                      help="where the dataset is (cifar10, stl10: default ./data; cifar10 is downloaded there "
                           "when absent); for folder: the folder of class sub-folders")
     run.add_argument("--out", type=Path, required=True, help="run folder")
     length = run.add_mutually_exclusive_group()
-    length.add_argument("--steps", type=int_range(0), default=None, help="optimizer steps in total")
-    length.add_argument("--epochs", type=non_negative_float, default=None,
+    length.add_argument("--steps", **field("steps"),
+                        help="optimizer steps in total (with --resume: a new length for the run, which stretches or "
+                             "shortens a cosine decay still to come; a warning says so)")
+    length.add_argument("--epochs", **field("epochs"),
                         help=f"passes over the data in total, fractional allowed (default: {DEFAULT_EPOCHS})")
-    run.add_argument("--batch-size", type=int_range(1), default=None,
-                     help=f"global batch, split between processes (default: {d['batch_size']})")
-    run.add_argument("--seed", type=int_range(0, 2**32 - 1), default=None, help=f"default: {d['seed']}")
+    run.add_argument("--batch-size", **field("batch_size"),
+                     help=f"global batch, split between processes; at most the data set's size "
+                          f"(default: {d['batch_size']})")
+    run.add_argument("--seed", **field("seed"), help=f"default: {d['seed']}")
     run.add_argument("--resume", action="store_true",
-                     help="continue the run in --out from its last checkpoint (starts one if there is none)")
+                     help="continue the run in --out from its last checkpoint (starts one if there is none), with "
+                          "its settings: hyper-parameters (given again, they must be equal), --data-dir, "
+                          "--precision and the --checkpoint/log/sample/fid settings (given again, the new value "
+                          "holds) and its length unless --steps/--epochs is given; --device, --compile and "
+                          "--time-limit are this invocation's")
 
     recipe = parser.add_argument_group("recipe")
-    recipe.add_argument("--lr", type=positive_float, default=None, help=f"base_lr of Eq. 6 (default: {d['lr']})")
-    recipe.add_argument("--warmup-multiplier", type=at_least_one, default=None,
+    recipe.add_argument("--lr", **field("lr"), help=f"base_lr of Eq. 6 (default: {d['lr']})")
+    recipe.add_argument("--warmup-multiplier", **field("warmup_multiplier"),
                         help=f"Eq. 6 multiplier: the rate ramps to lr * multiplier; 1 ramps from 0 to lr "
                              f"(default: {d['warmup_multiplier']})")
-    recipe.add_argument("--warmup-epochs", type=non_negative_float, default=None,
+    recipe.add_argument("--warmup-epochs", **field("warmup_epochs"),
                         help="length of the ramp in (fractional) epochs (default: a tenth of the run)")
-    recipe.add_argument("--lr-schedule", choices=["constant", "cosine"], default=None,
+    recipe.add_argument("--lr-schedule", choices=CHOICES["lr_schedule"], default=None,
                         help=f"after the warm-up (default: {d['lr_schedule']}, to 0 at the end)")
-    recipe.add_argument("--weight-decay", type=non_negative_float, default=None,
+    recipe.add_argument("--weight-decay", **field("weight_decay"),
                         help=f"AdamW weight decay (default: {d['weight_decay']})")
-    recipe.add_argument("--grad-clip", type=positive_float, default=None,
+    recipe.add_argument("--grad-clip", **field("grad_clip"),
                         help=f"max gradient norm (default: {d['grad_clip']})")
-    recipe.add_argument("--p-uncond", type=unit_float, default=None,
+    recipe.add_argument("--p-uncond", **field("p_uncond"),
                         help=f"probability of training a sample on the null class (default: {d['p_uncond']})")
-    recipe.add_argument("--ema-decay", type=below_one, default=None, help=f"default: {d['ema_decay']}")
-    recipe.add_argument("--dropout", type=below_one, default=None, help="default: the preset's")
-    recipe.add_argument("--min-snr-gamma", type=positive_float, default=None,
+    recipe.add_argument("--ema-decay", **field("ema_decay"), help=f"default: {d['ema_decay']}")
+    recipe.add_argument("--dropout", **field("dropout"), help="default: the preset's")
+    recipe.add_argument("--min-snr-gamma", **field("min_snr_gamma"),
                         help="weight each sample's loss by min(SNR_t, gamma) / SNR_t (Min-SNR-gamma, Hang et al. "
                              "2023; 5 is theirs) instead of the report's plain L_simple (default: off)")
     recipe.add_argument("--init-from", type=Path, default=None,
@@ -90,28 +103,28 @@ def build_parser() -> Parser:
                              "e.g. to continue a model on a new machine or to fine-tune")
 
     output = parser.add_argument_group("output and speed")
-    output.add_argument("--checkpoint-every", type=int_range(1), default=None,
+    output.add_argument("--checkpoint-every", **field("checkpoint_every"),
                         help=f"steps between checkpoints (default: {d['checkpoint_every']}; always at the end)")
-    output.add_argument("--sample-every", type=int_range(0), default=None,
+    output.add_argument("--sample-every", **field("sample_every"),
                         help=f"steps between sample grids, 0 for none (default: {d['sample_every']}; and at "
                              f"the end, unless that grid would cost over a tenth of the run's training)")
-    output.add_argument("--sample-steps", type=int_range(1), default=None,
+    output.add_argument("--sample-steps", **field("sample_steps"),
                         help=f"DDIM steps of the sample grids (default: {d['sample_steps']})")
-    output.add_argument("--log-every", type=int_range(1), default=None,
+    output.add_argument("--log-every", **field("log_every"),
                         help=f"steps between log.csv rows (default: {d['log_every']})")
-    output.add_argument("--fid-every", type=int_range(0), default=None,
+    output.add_argument("--fid-every", **field("fid_every"),
                         help="steps between FID evaluations of the EMA model, logged in log.csv's fid column "
                              "(default: 0, none; needs --fid-ref and the eval extra)")
-    output.add_argument("--fid-samples", type=int_range(2), default=None,
+    output.add_argument("--fid-samples", **field("fid_samples"),
                         help=f"images per FID evaluation, class-balanced, DDIM --sample-steps, w = 1.8 "
                              f"(default: {d['fid_samples']})")
     output.add_argument("--fid-ref", type=Path, default=None,
                         help="reference statistics for --fid-every, from ddpm-engine fid-ref")
-    output.add_argument("--time-limit", type=positive_float, default=None,
+    output.add_argument("--time-limit", **field("time_limit"),
                         help="minutes of wall time after which the run checkpoints and stops (continue it "
                              "with --resume); the schedule still spans --steps/--epochs")
     output.add_argument("--device", default=None, help="auto, cpu or cuda[:k] (default: auto)")
-    output.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None,
+    output.add_argument("--precision", choices=CHOICES["precision"], default=None,
                         help="bf16 autocast (+ channels_last on CUDA) or fp32 (default: auto = bf16 on CUDA)")
     output.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA: faster after warm-up)")
     output.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -119,7 +132,9 @@ def build_parser() -> Parser:
 
 
 def make_config(args: argparse.Namespace) -> TrainConfig:
-    """Flags given on the command line, over the resumed run's settings or the defaults."""
+    """The flags given on the command line over, with --resume, the saved run's settings
+    (KEPT_ON_RESUME), over the defaults. The one place a resumed run's settings are merged;
+    train() checks the result (and refuses changed hyper-parameters)."""
     given = {name: getattr(args, name) for name in DEFAULTS if getattr(args, name, None) is not None}
     given["compile"], given["progress"], given["resume"] = args.compile, not args.no_progress, args.resume
     given["out"] = str(args.out)
@@ -131,9 +146,9 @@ def make_config(args: argparse.Namespace) -> TrainConfig:
         if args.preset is None or args.dataset is None:
             raise ValueError("--preset and --dataset are required for a new run")
         return TrainConfig(**given)
-    keep = {k: saved[k] for k in HYPERPARAMETERS if k not in given}
-    if "data_dir" not in given:
-        keep["data_dir"] = saved["data_dir"]
+    keep = {k: saved[k] for k in KEPT_ON_RESUME if k in saved and k not in given}
+    if "steps" not in given and "epochs" not in given:
+        keep["steps"] = saved.get("steps")
     return TrainConfig(**(keep | given))
 
 

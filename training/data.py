@@ -129,8 +129,8 @@ def check_md5(path: Path, archive: Archive) -> None:
     except OSError as e:
         raise DatasetError(f"cannot read {path}: {e.strerror}") from None
     if md5.hexdigest() != archive.md5:
-        raise DatasetError(f"{path} is not the official {archive.filename} (md5 {md5.hexdigest()}, expected "
-                           f"{archive.md5}); delete it to download the real one")
+        raise DatasetError(f"{path}: md5 {md5.hexdigest()} is not the official archive's; delete it to "
+                           "download the real one")
 
 
 def _tar_member(tar: tarfile.TarFile, name: str) -> bytes:

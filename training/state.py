@@ -64,35 +64,67 @@ def save_state(path: str | os.PathLike, step: int, train_config: dict, model_con
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
-def load_state(path: str | os.PathLike) -> TrainingState:
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The metadata of a training state, from its header alone (no tensor is read)."""
     path = Path(path)
     try:
         with safe_open(str(path), "pt") as f:
             metadata = f.metadata() or {}
-        tensors = load_file(str(path))
     except (SafetensorError, OSError) as e:
-        raise StateError(f"{path} is not a readable training state ({e})") from None
+        raise StateError(f"{path} is not a readable training state ({str(e)[:100]})") from None
     if metadata.get("format") != FORMAT:
         raise StateError(f"{path} is not a ddpm-train state (no '{FORMAT}' metadata)")
+    return metadata
+
+
+def read_train_config(path: str | os.PathLike) -> dict:
+    """The training config saved in a state file (a JSON object; its values are checked by the caller)."""
+    train_config = _json_field(read_metadata(path), "train_config", dict, path)
+    if not train_config:
+        raise StateError(f"{path} has invalid metadata: its train_config is empty")
+    return train_config
+
+
+def _json_field(metadata: dict[str, str], key: str, kind: type, path) -> object:
     try:
-        step = int(metadata["step"])
-        train_config = json.loads(metadata["train_config"])
-        param_groups = json.loads(metadata["optimizer_param_groups"])
-        scalars = json.loads(metadata["optimizer_scalars"])
-    except (KeyError, ValueError) as e:
-        raise StateError(f"{path} has invalid metadata: {e}") from None
+        value = json.loads(metadata[key])
+    except KeyError:
+        raise StateError(f"{path} has invalid metadata: no {key}") from None
+    except (ValueError, RecursionError):
+        raise StateError(f"{path} has invalid metadata: {key} is not JSON") from None
+    if not isinstance(value, kind):
+        raise StateError(f"{path} has invalid metadata: {key} is not a JSON {kind.__name__}")
+    return value
+
+
+def load_state(path: str | os.PathLike) -> TrainingState:
+    path = Path(path)
+    metadata = read_metadata(path)
+    train_config = read_train_config(path)
+    param_groups = _json_field(metadata, "optimizer_param_groups", list, path)
+    scalars = _json_field(metadata, "optimizer_scalars", dict, path)
+    step = metadata.get("step", "")
+    if not step.isdigit() or "model_config" not in metadata:
+        raise StateError(f"{path} has invalid metadata: no step count or model config")
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise StateError(f"{path} is not a readable training state ({str(e)[:100]})") from None
     state: dict[int, dict] = {}
-    for key, value in tensors.items():
-        if key.startswith("optimizer."):
-            _, index, name = key.split(".", 2)
+    try:
+        for key, value in tensors.items():
+            if key.startswith("optimizer."):
+                _, index, name = key.split(".", 2)
+                state.setdefault(int(index), {})[name] = value
+        for key, value in scalars.items():
+            index, name = key.split(".", 1)
             state.setdefault(int(index), {})[name] = value
-    for key, value in scalars.items():
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
-    for group in param_groups:
-        group["betas"] = tuple(group["betas"])
+        for group in param_groups:
+            group["betas"] = tuple(group["betas"])
+    except (ValueError, TypeError, KeyError):
+        raise StateError(f"{path} has an invalid optimizer state") from None
     return TrainingState(
-        step=step,
+        step=int(step),
         train_config=train_config,
         model_config=metadata["model_config"],
         model={k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")},

@@ -214,7 +214,7 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     (tmp_path / "data" / "cifar-10-python.tar.gz").write_bytes(b"garbage")
     cases = [
         (["--preset", "tiny", "--dataset", "folder", "--data-dir", str(tmp_path / "none")], "not a folder"),
-        (["--preset", "tiny", "--dataset", "cifar10", "--data-dir", str(tmp_path / "data")], "not a readable"),
+        (["--preset", "tiny", "--dataset", "cifar10", "--data-dir", str(tmp_path / "data")], "not the official"),
         (["--preset", "tiny", "--dataset", "stl10", "--data-dir", str(tmp_path)], "train_X.bin"),
         (["--preset", "tiny", "--dataset", "synthetic", "--out", str(tmp_path / "file" / "run")], "--out"),
         (["--dataset", "synthetic"], "--preset and --dataset are required"),
