@@ -11,10 +11,10 @@ kernels, CUDA graphs) and the heavy sizes are skipped with the reason. Never ass
 """
 
 import os
-from dataclasses import replace
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import pytest
 import torch

@@ -26,9 +26,9 @@ from torch import nn
 
 from engine.checkpoint import Checkpoint
 from engine.config import DTYPES
+from engine.generate import Runner
 from engine.graphs import StepGraphs, default_buckets
 from engine.model import GroupNorm32, UNet
-from engine.runner import Runner
 from engine.sampler import SampleSettings
 
 BACKENDS = ("auto", "fused", "eager", "compile", "onnx", "tensorrt")
@@ -172,8 +172,8 @@ def eps_model(ckpt: Checkpoint, name: str, device: torch.device, precision: str,
 
 def onnx_from_checkpoint(ckpt: Checkpoint, device: torch.device, fp16: bool = False):
     """Export the checkpoint to a temporary verified .onnx file and open it in ONNX Runtime."""
-    from engine.runtimes.onnx_export import ExportError, export_onnx
     from engine.runtimes.onnx import load_onnx
+    from engine.runtimes.onnx_export import ExportError, export_onnx
 
     with tempfile.TemporaryDirectory(prefix="ddpm-onnx-") as folder:
         path = Path(folder) / "model.onnx"

@@ -2,7 +2,7 @@
 
 A step is what the sampler does per timestep: the U-Net on the batch of 2B (conditional and
 unconditional halves), the guidance combine, the per-image noise and the DDPM update
-(engine.runner.Runner.one_step); for the fused backend on CUDA it is one CUDA-graph replay
+(engine.generate.Runner.one_step); for the fused backend on CUDA it is one CUDA-graph replay
 of exactly that. `batch` is the U-Net batch (images
 x2 under guidance), as in ../shared/GPU.md. images/s is for a whole run of `steps` steps.
 Random weights (speed does not depend on them). Times: CUDA events on the GPU after
@@ -24,9 +24,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from engine.backends import BackendError, build_runner
 from engine.checkpoint import Checkpoint
 from engine.config import CIFAR10_CLASSES, DiffusionConfig, ModelConfig
+from engine.generate import Runner
 from engine.model import UNet
 from engine.noise import image_keys
-from engine.runner import Runner
 from engine.sampler import SampleSettings
 
 # name -> (backend, precision) for engine.backends.build_runner

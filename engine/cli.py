@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import zipfile
 from dataclasses import replace
@@ -18,11 +17,22 @@ from engine import distributed
 from engine.backends import BACKENDS, PRECISIONS, build_runner
 from engine.bench import BENCH_BACKENDS, bench, format_header
 from engine.checkpoint import Checkpoint, CheckpointError, atomic_write, open_checkpoint
-from engine.clitools import Parser, UsageError, float_range, int_range, non_negative_float, run_main
+from engine.clitools import Parser, UsageError, float_range, int_range, non_negative_float, reported
 from engine.config import PRESETS
 from engine.datasets import SPLITS, DataError, ImageSource, open_images
-from engine.fid import (BACKENDS as FID_BACKENDS, NO_CLASSIFIER, PREPROCESSING, FidError, InceptionNetwork, Stats,
-                        frechet_distance, image_stats, load_network, load_stats, save_stats)
+from engine.fid import BACKENDS as FID_BACKENDS
+from engine.fid import (
+    NO_CLASSIFIER,
+    PREPROCESSING,
+    FidError,
+    InceptionNetwork,
+    Stats,
+    frechet_distance,
+    image_stats,
+    load_network,
+    load_stats,
+    save_stats,
+)
 from engine.generate import INTERPOLATION, default_batch_size, generate, interpolate
 from engine.images import check_writable, grid, save_png, staged_output, write_samples
 from engine.noise import MASK32
@@ -335,8 +345,10 @@ COMMANDS = {"sample": cmd_sample, "interpolate": cmd_interpolate, "bench": cmd_b
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_main(f"ddpm-engine {args.command}", lambda: COMMANDS[args.command](args),
-                    (UsageError, CheckpointError, DataError, FidError, OSError, ValueError))
+    with reported(f"ddpm-engine {args.command}", (UsageError, CheckpointError, DataError, FidError, OSError,
+                                                  ValueError)) as outcome:
+        COMMANDS[args.command](args)
+    return outcome.code
 
 
 if __name__ == "__main__":

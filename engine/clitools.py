@@ -7,7 +7,9 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from typing import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
 
 MAX_MESSAGE = 300  # characters of an error line: a message never echoes a whole file or flag back
 
@@ -34,19 +36,30 @@ def one_line(message: object) -> str:
     return line if len(line) <= MAX_MESSAGE else line[:MAX_MESSAGE - 3] + "..."
 
 
-def run_main(prog: str, command: Callable[[], object], errors: tuple[type[BaseException], ...],
-             interrupted: str = "interrupted; nothing was written") -> int:
-    """Run `command`; an exception of a type in `errors` is one error line and exit 1, Ctrl-C is
-    one line and exit 130 (`interrupted` says what was kept)."""
+@dataclass
+class Outcome:
+    code: int = 0  # the exit status
+
+
+@contextmanager
+def reported(prog: str, errors: tuple[type[BaseException], ...],
+             interrupted: str = "interrupted; nothing was written") -> Iterator[Outcome]:
+    """Run a command's body; an exception of a type in `errors` becomes one `PROG: error: ...` line
+    and exit status 1, Ctrl-C one line and 130 (`interrupted` says what was kept):
+
+        with reported("ddpm-export", (ExportError, OSError)) as outcome:
+            run(args)
+        return outcome.code
+    """
+    outcome = Outcome()
     try:
-        command()
+        yield outcome
     except errors as e:
         print(f"{prog}: error: {one_line(e) or type(e).__name__}", file=sys.stderr)
-        return 1
+        outcome.code = 1
     except KeyboardInterrupt:
         print(f"{prog}: {interrupted}", file=sys.stderr)
-        return 130
-    return 0
+        outcome.code = 130
 
 
 def int_range(lo: int, hi: int | None = None):

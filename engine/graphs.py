@@ -1,7 +1,7 @@
 """The sampling step as one CUDA graph per batch bucket (the fused backend on CUDA).
 
 One replay runs a whole step of the reverse process for a fixed batch B, the Runner's own
-step body (engine.runner.Runner.step: the 2B guided U-Net call, the per-image noise, the
+step body (engine.generate.Runner.step: the 2B guided U-Net call, the per-image noise, the
 update), and then i <- i - 1. The step index lives in a device tensor of shape (1,) that the
 graph itself decrements, and every coefficient is read from the Runner's `SamplerPlan`
 already on the device, so the host only calls `replay()` S times: no copies, no
@@ -32,7 +32,7 @@ import torch
 from engine.noise import INITIAL_STREAM, gaussian_noise
 
 if TYPE_CHECKING:
-    from engine.runner import Runner
+    from engine.generate import Runner
 
 WARMUP_ITERS = 3
 

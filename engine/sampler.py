@@ -15,7 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 import torch
-from torch import nn
 
 from engine.config import DiffusionConfig
 from engine.diffusion import alpha_bar as make_alpha_bar
@@ -143,20 +142,6 @@ def ddim_plan(diffusion: DiffusionConfig, steps: int = 50, eta: float = 0.0,
         return ab_prev.sqrt(), torch.zeros_like(ab), coef_eps, sigma
 
     return _plan(timestep_sequence(diffusion.num_timesteps, steps, spacing), make_alpha_bar(diffusion), coefs)
-
-
-def guided_eps(model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
-               guidance: float, null_class: int) -> torch.Tensor:
-    """eps = (1 + w) eps(x, c) - w eps(x, null) (Ho & Salimans 2022, Eq. 6, the report's form).
-
-    Conditional and unconditional halves go through the model as ONE batch of 2B. With
-    w = 0 this is the purely conditional model, and the unconditional half is not computed.
-    """
-    if guidance == 0:
-        return model(x, t, y)
-    eps = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, null_class)]))
-    eps_cond, eps_uncond = eps.chunk(2)
-    return (1 + guidance) * eps_cond - guidance * eps_uncond
 
 
 def step(plan: SamplerPlan, i: int, x: torch.Tensor, eps: torch.Tensor, z: torch.Tensor,

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from engine.checkpoint import CheckpointError, load_checkpoint
-from engine.clitools import Parser, run_main
+from engine.clitools import Parser, reported
 from engine.runtimes.onnx_export import DEFAULT_OPSET, OPSETS, ExportError, export_onnx
 from export.tensorrt import build_plan, require_tensorrt
 
@@ -69,7 +69,9 @@ def run(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # TensorRTUnavailable is a CheckpointError: it says what is missing.
-    return run_main("ddpm-export", lambda: run(args), (CheckpointError, ExportError, OSError, ValueError, RuntimeError))
+    with reported("ddpm-export", (CheckpointError, ExportError, OSError, ValueError, RuntimeError)) as outcome:
+        run(args)
+    return outcome.code
 
 
 if __name__ == "__main__":

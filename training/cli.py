@@ -9,12 +9,20 @@ import sys
 from pathlib import Path
 
 from engine.checkpoint import CheckpointError
-from engine.clitools import Parser, at_least_one, below_one, int_range, non_negative_float, positive_float, run_main, unit_float
+from engine.clitools import Parser, reported
 from engine.fid import FidError
 from training.data import DatasetError
 from training.state import StateError
-from training.train import (CHOICES, DEFAULT_EPOCHS, FIELD_TYPES, KEPT_ON_RESUME, OtherRankFailed, TrainConfig,
-                            saved_config, train)
+from training.train import (
+    CHOICES,
+    DEFAULT_EPOCHS,
+    FIELD_TYPES,
+    KEPT_ON_RESUME,
+    OtherRankFailed,
+    TrainConfig,
+    saved_config,
+    train,
+)
 
 EXAMPLES = """examples:
   # a CPU smoke run (a few minutes), then sample from it
@@ -155,18 +163,17 @@ def make_config(args: argparse.Namespace) -> TrainConfig:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     rank = os.environ.get("RANK", "0")
-
-    def command() -> None:
-        path = train(make_config(args))
-        if rank == "0":
-            print(f"wrote {path}")
-
     try:
-        return run_main("ddpm-train" if rank == "0" else f"ddpm-train [rank {rank}]", command,
-                        (DatasetError, StateError, CheckpointError, FidError, OSError, ValueError),
-                        interrupted=f"interrupted; the last checkpoint in {args.out} is intact (continue with --resume)")
+        with reported("ddpm-train" if rank == "0" else f"ddpm-train [rank {rank}]",
+                      (DatasetError, StateError, CheckpointError, FidError, OSError, ValueError),
+                      interrupted=f"interrupted; the last checkpoint in {args.out} is intact (continue with --resume)"
+                      ) as outcome:
+            path = train(make_config(args))
+            if rank == "0":
+                print(f"wrote {path}")
     except OtherRankFailed:  # that rank printed the error
         return 1
+    return outcome.code
 
 
 if __name__ == "__main__":

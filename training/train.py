@@ -31,18 +31,16 @@ from torch import nn
 from tqdm import tqdm
 
 from engine import distributed, fid
-from engine.clitools import (at_least_one, below_one, int_range, non_negative_float, positive_float,
-                             unit_float)
 from engine.backends import build_runner
 from engine.checkpoint import Checkpoint, atomic_write, expected_shapes, load_checkpoint, save_checkpoint
+from engine.clitools import at_least_one, below_one, int_range, non_negative_float, positive_float, unit_float
 from engine.config import PRESETS, DiffusionConfig, ModelConfig
 from engine.diffusion import alpha_bar as make_alpha_bar
 from engine.diffusion import eps_loss
 from engine.distributed import World
-from engine.generate import default_batch_size, generate
+from engine.generate import Runner, default_batch_size, generate
 from engine.images import check_writable, class_rows, grid
 from engine.model import UNet
-from engine.runner import Runner
 from engine.sampler import SampleSettings
 from training.data import DATASETS, Dataset, load_dataset
 from training.state import STATE_FILE, StateError, load_state, read_train_config, save_state

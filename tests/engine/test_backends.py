@@ -6,8 +6,14 @@ import pytest
 import torch
 
 from engine import backends
-from engine.backends import (BackendError, EagerModel, build_runner, interpreter_on, onnxruntime_installed,
-                             resolve_backend)
+from engine.backends import (
+    BackendError,
+    EagerModel,
+    build_runner,
+    interpreter_on,
+    onnxruntime_installed,
+    resolve_backend,
+)
 from engine.checkpoint import load_checkpoint, save_checkpoint
 from engine.cli import main
 from engine.config import CIFAR10_CLASSES, PRESETS, DiffusionConfig
@@ -108,8 +114,8 @@ def test_cuda_without_a_gpu_is_one_line(checkpoint, tmp_path, capsys, monkeypatc
 
 def test_an_onnx_checkpoint_only_runs_on_onnx(checkpoint, tmp_path):
     pytest.importorskip("onnxruntime")
-    from engine.runtimes.onnx_export import export_onnx
     from engine.runtimes.onnx import load_onnx
+    from engine.runtimes.onnx_export import export_onnx
 
     path = tmp_path / "m.onnx"
     export_onnx(load_checkpoint(checkpoint), path)

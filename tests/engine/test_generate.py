@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from engine.config import PRESETS, DiffusionConfig
 from engine.backends import build_runner
 from engine.checkpoint import Checkpoint
+from engine.config import PRESETS, DiffusionConfig
 from engine.generate import INTERPOLATION, generate, interpolate, labels_for, slerp
 from engine.model import UNet
 from engine.sampler import SampleSettings

@@ -11,10 +11,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from engine.config import PRESETS, DiffusionConfig, ModelConfig
+from engine.generate import Runner
 from engine.graphs import StepGraphs, default_buckets
 from engine.model import UNet
 from engine.noise import image_keys
-from engine.runner import Runner
 from engine.sampler import ddim_plan, ddpm_plan
 
 # Small enough for eager CPU runs of a few steps; the GPU tests use the real presets.

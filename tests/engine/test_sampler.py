@@ -6,9 +6,9 @@ from torch import nn
 
 from engine.config import DiffusionConfig
 from engine.diffusion import alpha_bar
+from engine.generate import Runner, guided_eps
 from engine.noise import image_keys
-from engine.runner import Runner
-from engine.sampler import SampleSettings, ddim_plan, ddpm_plan, guided_eps, step, timestep_sequence
+from engine.sampler import SampleSettings, ddim_plan, ddpm_plan, step, timestep_sequence
 
 SHAPE = (2, 3, 3)
 

@@ -6,8 +6,8 @@ import torch
 from engine.checkpoint import load_checkpoint, save_checkpoint
 from engine.config import CIFAR10_CLASSES, PRESETS, DiffusionConfig
 from engine.model import UNet
-from export.cli import main as export_main
 from engine.runtimes.onnx_export import export_onnx
+from export.cli import main as export_main
 
 
 @pytest.fixture(scope="session")

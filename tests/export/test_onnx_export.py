@@ -9,14 +9,14 @@ import pytest
 import torch
 from onnx import TensorProto, helper, shape_inference
 
-from engine.checkpoint import Checkpoint, CheckpointError, save_checkpoint
 from engine.backends import build_runner
+from engine.checkpoint import Checkpoint, CheckpointError, save_checkpoint
 from engine.generate import generate
-from engine.sampler import SampleSettings
 from engine.runtimes import onnx_export
-from export.cli import main as export_main
-from engine.runtimes.onnx_export import export_module, random_inputs, relative_error
 from engine.runtimes.onnx import load_onnx
+from engine.runtimes.onnx_export import export_module, random_inputs, relative_error
+from engine.sampler import SampleSettings
+from export.cli import main as export_main
 
 TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2}
 

@@ -11,9 +11,9 @@ import torch
 
 from engine.checkpoint import CheckpointError
 from engine.runtimes import tensorrt as trt_runtime
-from export.cli import main as export_main
 from engine.runtimes.onnx_export import random_inputs, relative_error
 from engine.runtimes.tensorrt import TensorRTUnavailable, load_plan, read_plan, require_tensorrt
+from export.cli import main as export_main
 from export.tensorrt import build_plan, write_plan
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
