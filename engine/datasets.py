@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import codecs
 import io
+import math
 import pickle
 import struct
 import tarfile
 import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Callable, Iterator
@@ -32,6 +34,7 @@ SPLITS = ("train", "test")
 CIFAR10_FOLDER = "cifar-10-batches-py"
 CIFAR10_BATCHES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
 MAX_PIXELS = 8192 * 8192  # pixels of one image (192 MB as RGB); Pillow warns only past 89M
+MAX_NPZ_BYTES = 2**34  # a samples.npz is loaded whole: 16 GiB is over a million 64 x 64 images
 
 
 class DataError(Exception):
@@ -155,14 +158,15 @@ def _selected(names: list[str], path: Path, split: str | None) -> tuple[list[str
 def _npz(path: Path, split: str | None, limit: int | None) -> ImageSource:
     if split is not None:
         raise DataError(f"{path}: --split applies to data sets with train/test folders, not to a samples.npz")
+    header = _npz_header(path, "x")
+    if header is None or header[1] != np.uint8 or len(header[0]) != 4 or header[0][-1] != 3 or header[0][0] == 0:
+        got = "no key 'x'" if header is None else f"x: {header[1]} {header[0]}"
+        raise DataError(f"{path}: expected x = uint8 N x H x W x 3 images as `ddpm-engine sample` writes ({got})")
     try:
         with np.load(path, allow_pickle=False) as data:
-            x = data["x"] if "x" in data.files else None
-    except (ValueError, OSError, EOFError) as e:
-        raise DataError(f"{path} is not a readable .npz ({e})") from None
-    if x is None or x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] != 3 or len(x) == 0:
-        got = "no key 'x'" if x is None else f"x: {x.dtype} {x.shape}"
-        raise DataError(f"{path}: expected x = uint8 N x H x W x 3 images as `ddpm-engine sample` writes ({got})")
+            x = data["x"]
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise DataError(f"{path} is not a readable .npz ({str(e)[:100]})") from None
     total = len(x)
     x = x[spread(total, limit)]
 
@@ -171,6 +175,28 @@ def _npz(path: Path, split: str | None, limit: int | None) -> ImageSource:
             yield x[start:start + batch_size]
 
     return ImageSource(path, describe(path, None, len(x), total), len(x), read)
+
+
+def _npz_header(path: Path, key: str) -> tuple[tuple[int, ...], np.dtype] | None:
+    """(shape, dtype) of array `key` of a .npz, from its .npy header alone (None if absent), refused
+    unless the data the header claims is what the archive holds: numpy allocates the whole array
+    before reading it, so a crafted header could ask for terabytes."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            if f"{key}.npy" not in archive.namelist():
+                return None
+            info = archive.getinfo(f"{key}.npy")
+            with archive.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                shape, _, dtype = read_header(f)
+                header_size = f.tell()
+    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as e:
+        raise DataError(f"{path} is not a readable .npz ({str(e)[:100]})") from None
+    if math.prod(shape) * dtype.itemsize != info.file_size - header_size or info.file_size > MAX_NPZ_BYTES:
+        raise DataError(f"{path}: its {key} claims {shape} {dtype} but holds {info.file_size} bytes")
+    return shape, dtype
 
 
 # ---- folders and tar archives of images --------------------------------------------------

@@ -212,3 +212,13 @@ def test_restricted_unpickler_builds_only_numpys_empty_placeholder():
     # A real array goes through the placeholder and __setstate__.
     arr = np.arange(12, dtype=np.uint8).reshape(3, 4)
     assert np.array_equal(CifarUnpickler(io.BytesIO(pickle.dumps(arr, protocol=2))).load(), arr)
+
+
+def test_npz_header_claiming_more_than_it_holds_is_refused_unallocated(tmp_path):
+    from tests.fuzz.crafted import npz_claiming
+    path = npz_claiming(tmp_path / "samples.npz", (10**6, 1000, 1000, 3))  # 3 TB claimed, 64 bytes held
+    with pytest.raises(DataError, match=r"its x claims \(1000000, 1000, 1000, 3\) uint8 but holds"):
+        open_images(path)
+    x = images(2)
+    np.savez(tmp_path / "ok.npz", x=x)
+    assert np.array_equal(read_all(open_images(tmp_path / "ok.npz")), x)

@@ -102,14 +102,15 @@ class Exploit:
 
 
 def crafted_cifar10(root: Path, marker: Path, extracted: bool) -> Path:
-    """A CIFAR-10 folder or archive whose data_batch_1 runs code when plainly unpickled."""
-    path = write_cifar10(root, extracted=extracted)[0]
-    evil = pickle.dumps({b"data": Exploit(marker), b"labels": [0]}, protocol=2)
+    """A CIFAR-10 folder or archive (all members present) whose data_batch_1 runs code when plainly unpickled."""
+    folder = write_cifar10(root, extracted=True)[0]
+    (folder / "data_batch_1").write_bytes(pickle.dumps({b"data": Exploit(marker), b"labels": [0]}, protocol=2))
     if extracted:
-        (path / "data_batch_1").write_bytes(evil)
-        return path
+        return folder
+    path = root / "cifar-10-python.tar.gz"
     with tarfile.open(path, "w:gz") as tar:
-        info = tarfile.TarInfo("cifar-10-batches-py/data_batch_1")
-        info.size = len(evil)
-        tar.addfile(info, io.BytesIO(evil))
+        tar.add(folder, arcname=folder.name)
+    for member in folder.iterdir():
+        member.unlink()
+    folder.rmdir()
     return path
