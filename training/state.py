@@ -79,7 +79,11 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
 
 def read_train_config(path: str | os.PathLike) -> dict:
     """The training config saved in a state file (a JSON object; its values are checked by the caller)."""
-    train_config = _json_field(read_metadata(path), "train_config", dict, path)
+    return _train_config(read_metadata(path), path)
+
+
+def _train_config(metadata: dict[str, str], path) -> dict:
+    train_config = _json_field(metadata, "train_config", dict, path)
     if not train_config:
         raise StateError(f"{path} has invalid metadata: its train_config is empty")
     return train_config
@@ -100,7 +104,7 @@ def _json_field(metadata: dict[str, str], key: str, kind: type, path) -> object:
 def load_state(path: str | os.PathLike) -> TrainingState:
     path = Path(path)
     metadata = read_metadata(path)
-    train_config = read_train_config(path)
+    train_config = _train_config(metadata, path)
     param_groups = _json_field(metadata, "optimizer_param_groups", list, path)
     scalars = _json_field(metadata, "optimizer_scalars", dict, path)
     step = metadata.get("step", "")

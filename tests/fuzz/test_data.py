@@ -14,11 +14,11 @@ from PIL import Image
 
 from engine import cli as engine_cli
 from engine import fid
+from tests.fuzz.crafted import npz_claiming
+from tests.training.formats import crafted_cifar10, png, write_cifar10
 from training import data
 from training.cli import main as train_main
 from training.data import Archive
-from tests.fuzz.crafted import npz_claiming
-from tests.training.formats import crafted_cifar10, png, write_cifar10
 
 
 def folder_with(root, name: str, content: bytes):

@@ -8,9 +8,9 @@ import torch
 from PIL import Image
 
 from engine.config import CIFAR10_CLASSES, STL10_CLASSES
+from tests.training.formats import crafted_cifar10, png, write_cifar10, write_stl10
 from training import data
 from training.data import Archive, DatasetError, load_dataset, make_synthetic, resize
-from tests.training.formats import crafted_cifar10, png, write_cifar10, write_stl10
 
 
 def trust(monkeypatch, archive):

