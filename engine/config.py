@@ -60,6 +60,10 @@ class ModelConfig:
         downsamples = len(self.ch_mult) - 1
         if self.image_size % (self.patch_size * 2**downsamples):
             raise ValueError(f"image_size {self.image_size} is not divisible by patch_size x 2^{downsamples}")
+        bottom = self.top_resolution >> downsamples  # the middle block attends here whatever attn_resolutions says
+        if bottom > MAX_ATTENTION_SIDE:
+            raise ValueError(f"the middle block would attend over {bottom} x {bottom} positions "
+                             f"(at most {MAX_ATTENTION_SIDE} x {MAX_ATTENTION_SIDE}): add levels to ch_mult")
         for mult in (1, *self.ch_mult):
             if (self.ch * mult) % self.num_groups or self.ch * mult < 2 * self.num_groups:
                 # One channel a group would normalise away the per-channel embedding added before it.

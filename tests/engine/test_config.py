@@ -28,6 +28,7 @@ def test_presets_are_valid_and_under_their_parameter_bound(name):
     ({"dropout": 1.0}, "dropout 1.0 is out of range"),
     ({"patch_size": 0}, "patch_size 0 is out of range"),
     ({"ch": 4096, "num_groups": 32}, "parameters, over the limit"),
+    ({"image_size": 1024}, "the middle block would attend over 512 x 512 positions"),
 ])
 def test_model_config_refuses_bad_types_and_ranges(changes, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.")):
