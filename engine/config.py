@@ -25,13 +25,22 @@ class ModelConfig:
     num_res_blocks: int = 2
     attn_resolutions: tuple[int, ...] = (16,)
     dropout: float = 0.1
-    num_classes: int = 10  # the null class (unconditional model) is index num_classes
+    num_classes: int = 10  # the null class (unconditional model) is index num_classes; 0: an unconditional model
     num_groups: int = 32
     patch_size: int = 1  # > 1: a pixel-unshuffle stem, so the top level runs at image_size / patch_size
+    # What imported models (engine.diffusers_format) differ in; the defaults are our own models'.
+    downsample_padding: int = 1  # 1: the stride-2 conv pads every side; 0: bottom/right only (TF 'SAME', Ho et al.)
+    norm_eps: float = 1e-5  # GroupNorm's epsilon (Ho et al.'s TF code and diffusers' DDPM configs: 1e-6)
+    learned_null: bool = True  # class row num_classes was trained as the null class; False: it is zero, no guidance
 
     @property
     def null_class(self) -> int:
         return self.num_classes
+
+    @property
+    def guidable(self) -> bool:
+        """Classifier-free guidance needs classes to condition on and a trained null class."""
+        return self.num_classes > 0 and self.learned_null
 
     @property
     def time_embed_dim(self) -> int:
@@ -57,6 +66,14 @@ class ModelConfig:
         check_number("dropout", self.dropout)
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout {self.dropout} is out of range [0, 1)")
+        check_int("downsample_padding", self.downsample_padding, 0, 1)
+        check_number("norm_eps", self.norm_eps)
+        if not 0 < self.norm_eps <= 0.1:
+            raise ValueError(f"norm_eps {self.norm_eps} is out of range (0, 0.1]")
+        if type(self.learned_null) is not bool:
+            raise ValueError(f"learned_null must be true or false, not {short_repr(self.learned_null)}")
+        if self.num_classes == 0 and self.learned_null:
+            raise ValueError("an unconditional model (num_classes 0) has no learned null class: learned_null must be false")
         downsamples = len(self.ch_mult) - 1
         if self.image_size % (self.patch_size * 2**downsamples):
             raise ValueError(f"image_size {self.image_size} is not divisible by patch_size x 2^{downsamples}")
@@ -142,7 +159,7 @@ MAX_ATTENTION_SIDE = 64  # attention over 64 x 64 = 4096 positions; beyond it th
 MAX_TIMESTEPS = 100_000
 MODEL_LIMITS = {  # field: (min, max)
     "image_size": (1, 2048), "in_channels": (1, 64), "ch": (1, 4096), "num_res_blocks": (1, 16),
-    "num_classes": (1, 100_000), "num_groups": (1, 4096), "patch_size": (1, 64),
+    "num_classes": (0, 100_000), "num_groups": (1, 4096), "patch_size": (1, 64),
 }
 
 

@@ -5,7 +5,9 @@ This eager PyTorch definition is the reference for every other backend: fast var
 are made from it by swapping modules, with the same weights.
 
 Notation: `t` is the integer timestep in [0, T) (the paper's t - 1), `y` the class
-label in [0, num_classes], where `num_classes` is the learned null class.
+label in [0, num_classes], where `num_classes` is the null class (learned, unless
+config.learned_null is false: then its row is zero, as for an unconditional model,
+num_classes 0, whose only label is 0).
 """
 
 from __future__ import annotations
@@ -36,12 +38,12 @@ class GroupNorm32(nn.GroupNorm):
 
 
 class ResBlock(nn.Module):
-    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float, groups: int):
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float, groups: int, eps: float = 1e-5):
         super().__init__()
-        self.norm1 = GroupNorm32(groups, in_ch)
+        self.norm1 = GroupNorm32(groups, in_ch, eps)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.emb_proj = nn.Linear(emb_dim, out_ch)
-        self.norm2 = GroupNorm32(groups, out_ch)
+        self.norm2 = GroupNorm32(groups, out_ch, eps)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
@@ -56,9 +58,9 @@ class ResBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over the H x W positions, with a residual connection."""
 
-    def __init__(self, ch: int, groups: int):
+    def __init__(self, ch: int, groups: int, eps: float = 1e-5):
         super().__init__()
-        self.norm = GroupNorm32(groups, ch)
+        self.norm = GroupNorm32(groups, ch, eps)
         self.qkv = nn.Conv2d(ch, 3 * ch, 1)
         self.proj_out = nn.Conv2d(ch, ch, 1)
 
@@ -72,12 +74,16 @@ class AttnBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    def __init__(self, ch: int):
+    """A stride-2 3x3 convolution. padding 1 pads every side; padding 0 pads only the bottom and
+    right (TF's 'SAME' for an even side, as in Ho et al.'s code and diffusers' downsample_padding 0)."""
+
+    def __init__(self, ch: int, padding: int = 1):
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+        self.pad = (0, 1, 0, 1) if padding == 0 else None
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)
+        return self.conv(x if self.pad is None else F.pad(x, self.pad))
 
 
 class Upsample(nn.Module):
@@ -95,6 +101,7 @@ class UNet(nn.Module):
         config.validate()
         self.config = config
         ch, emb_dim, groups, dropout = config.ch, config.time_embed_dim, config.num_groups, config.dropout
+        eps = config.norm_eps
 
         self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.class_embed = nn.Embedding(config.num_classes + 1, emb_dim)
@@ -108,37 +115,37 @@ class UNet(nn.Module):
         cur_ch, resolution = ch, config.top_resolution
         for level, mult in enumerate(config.ch_mult):
             for _ in range(config.num_res_blocks):
-                block = nn.ModuleList([ResBlock(cur_ch, ch * mult, emb_dim, dropout, groups)])
+                block = nn.ModuleList([ResBlock(cur_ch, ch * mult, emb_dim, dropout, groups, eps)])
                 cur_ch = ch * mult
                 if resolution in config.attn_resolutions:
-                    block.append(AttnBlock(cur_ch, groups))
+                    block.append(AttnBlock(cur_ch, groups, eps))
                 self.down.append(block)
                 skip_channels.append(cur_ch)
             if level != len(config.ch_mult) - 1:
-                self.down.append(nn.ModuleList([Downsample(cur_ch)]))
+                self.down.append(nn.ModuleList([Downsample(cur_ch, config.downsample_padding)]))
                 skip_channels.append(cur_ch)
                 resolution //= 2
 
         self.mid = nn.ModuleList([
-            ResBlock(cur_ch, cur_ch, emb_dim, dropout, groups),
-            AttnBlock(cur_ch, groups),
-            ResBlock(cur_ch, cur_ch, emb_dim, dropout, groups),
+            ResBlock(cur_ch, cur_ch, emb_dim, dropout, groups, eps),
+            AttnBlock(cur_ch, groups, eps),
+            ResBlock(cur_ch, cur_ch, emb_dim, dropout, groups, eps),
         ])
 
         # Upsampling path: num_res_blocks + 1 blocks a level, each eating one skip.
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(config.ch_mult))):
             for _ in range(config.num_res_blocks + 1):
-                block = nn.ModuleList([ResBlock(cur_ch + skip_channels.pop(), ch * mult, emb_dim, dropout, groups)])
+                block = nn.ModuleList([ResBlock(cur_ch + skip_channels.pop(), ch * mult, emb_dim, dropout, groups, eps)])
                 cur_ch = ch * mult
                 if resolution in config.attn_resolutions:
-                    block.append(AttnBlock(cur_ch, groups))
+                    block.append(AttnBlock(cur_ch, groups, eps))
                 self.up.append(block)
             if level != 0:
                 self.up.append(nn.ModuleList([Upsample(cur_ch)]))
                 resolution *= 2
 
-        self.norm_out = GroupNorm32(groups, cur_ch)
+        self.norm_out = GroupNorm32(groups, cur_ch, eps)
         self.conv_out = nn.Conv2d(cur_ch, pixels, 3, padding=1)
 
     def embed(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
