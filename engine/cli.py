@@ -4,14 +4,16 @@ samples with FID and IS."""
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import zipfile
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from engine import distributed
 from engine.backends import BACKENDS, PRECISIONS, build_runner
@@ -33,8 +35,8 @@ from engine.fid import (
     load_stats,
     save_stats,
 )
-from engine.generate import INTERPOLATION, default_batch_size, generate, interpolate
-from engine.images import check_writable, grid, save_png, staged_output, write_samples
+from engine.generate import INTERPOLATION, default_batch_size, interpolate, sample_batch
+from engine.images import SampleRun, check_writable, grid, save_png, staged_output
 from engine.noise import MASK32
 from engine.sampler import DDIM_STEPS, SAMPLERS, SPACINGS, VARIANCES, SampleSettings
 
@@ -195,33 +197,70 @@ def parse_classes(text: str | None, class_names: tuple[str, ...]) -> list[int]:
     return classes
 
 
+SHARD_IMAGES = 1024  # images a shard of a sampling run: what an interrupt can lose, and a runner call's largest batch
+
+
+def model_digest(path: Path) -> str:
+    """sha256 of a checkpoint file (or of every file of a checkpoint folder): what a run's images depend on."""
+    files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+    digest = hashlib.sha256()
+    for file in files:
+        with open(file, "rb") as f:
+            digest.update(hashlib.file_digest(f, "sha256").digest())
+    return digest.hexdigest()
+
+
 def cmd_sample(args) -> None:
-    """Under torchrun every rank samples its share of the indices and rank 0 writes the output."""
+    """Samples shard by shard into OUT.partial/ (engine.images.SampleRun), so memory stays flat in
+    -n and an interrupted run continues where it stopped; under torchrun every rank samples every
+    world-size-th shard, and rank 0 assembles the output."""
     check_writable(args.out)
     device = distributed.resolve_device(args.device)
     world = distributed.init(device.type)
+    run = None
     try:
         device = distributed.device_for(world, device)
         ckpt = open_model(args.checkpoint, device)
         classes = parse_classes(args.classes, ckpt.class_names)
         n = args.n if args.n is not None else 10 * len(classes)
-        if n < world.size:
-            raise UsageError(f"-n {n} is fewer images than the {world.size} processes")
         settings = SampleSettings(sampler=args.sampler, steps=args.steps, eta=args.eta, variance=args.variance,
                                   spacing=args.spacing, clip_x0=args.clip_x0,
                                   guidance=SAMPLE.guidance if args.guidance is None else args.guidance)
-        indices = distributed.shard(torch.arange(n), world)
-        batch_size = args.batch_size or default_batch_size(device)
+        batch_size = min(args.batch_size or default_batch_size(device), SHARD_IMAGES)
         runner = build_runner(ckpt, settings, args.backend, device, args.precision, max_images=batch_size,
-                              images=len(indices))
-        images, labels = generate(runner, indices, classes, args.seed, batch_size,
-                                  progress=not args.no_progress and world.is_main)
-        images, labels = distributed.gather(images, n, world, device), distributed.gather(labels, n, world, device)
+                              images=-(-n // world.size))
+        run = SampleRun(args.out, n, classes, SHARD_IMAGES, {
+            "model": model_digest(args.checkpoint or BUNDLED_CHECKPOINT), "sampler": asdict(settings), "seed": args.seed})
+        done, error = 0, None
         if world.is_main:
-            write_samples(args.out, images, labels, classes)
-            ranks = f", {world.size} processes" if world.size > 1 else ""
-            print(f"wrote {n} images to {args.out}/ (grid.png, images/, samples.npz; {runner.name} on {device}{ranks})")
+            try:
+                done = run.open()
+            except OSError as e:
+                error = e
+        if not distributed.broadcast_flag(world, error is None):  # the other ranks wait for the work folder
+            run = None  # not this call's to discard
+            raise error or OSError(f"rank 0 could not open {args.out}.partial")
+        todo = [(start, stop) for start, stop in run.shards()[world.rank::world.size] if not run.done(start)]
+        total = sum(-(-(stop - start) // batch_size) for start, stop in todo) * runner.plan.num_steps
+        with tqdm(total=total, desc="sampling", unit="step", disable=args.no_progress or not world.is_main) as bar:
+            for start, stop in todo:
+                batches = [sample_batch(runner, torch.arange(b, min(b + batch_size, stop)), classes, args.seed,
+                                        on_step=bar.update) for b in range(start, stop, batch_size)]
+                run.write(start, np.concatenate([x for x, _ in batches]), np.concatenate([y for _, y in batches]))
         distributed.barrier(world)
+        if world.is_main:
+            run.finish()
+            ranks = f", {world.size} processes" if world.size > 1 else ""
+            resumed = f"; continued a run that had {done}" if done else ""
+            print(f"wrote {n} images to {args.out}/ (grid.png, images/, samples.npz; {runner.name} on {device}{ranks}"
+                  f"{resumed})")
+        distributed.barrier(world)
+    except KeyboardInterrupt:
+        raise  # the work folder stays: the same command continues the run
+    except BaseException:
+        if run is not None and world.is_main:
+            run.discard()
+        raise
     finally:
         distributed.finish(world)
 
@@ -345,8 +384,12 @@ COMMANDS = {"sample": cmd_sample, "interpolate": cmd_interpolate, "bench": cmd_b
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    interrupted = "interrupted; nothing was written"
+    if args.command == "sample":
+        interrupted = (f"interrupted; the finished shards are kept in {args.out}.partial/: the same command "
+                       f"continues the run")
     with reported(f"ddpm-engine {args.command}", (UsageError, CheckpointError, DataError, FidError, OSError,
-                                                  ValueError)) as outcome:
+                                                  ValueError), interrupted) as outcome:
         COMMANDS[args.command](args)
     return outcome.code
 

@@ -114,20 +114,29 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
+def sample_batch(runner: Runner, indices: torch.Tensor, classes: list[int], seed: int,
+                 on_step: Callable[[], object] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The images with these global indices, in one runner call: (uint8 B x H x W x 3, int64 labels)."""
+    y = labels_for(indices, classes)
+    x = runner(y.to(runner.device), image_keys(seed, indices).to(runner.device), on_step=on_step)
+    if not torch.isfinite(x).all():  # one check a batch, after the loop: no sync inside it
+        raise ValueError(f"the model produced NaN or infinite values (images {int(indices[0])}..{int(indices[-1])}): "
+                         f"its weights or the sampling settings are broken")
+    return to_uint8(x), y.numpy()
+
+
 def generate(runner: Runner, indices: torch.Tensor, classes: list[int], seed: int, batch_size: int,
              progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Sample the images with the given global indices; returns (uint8 N x H x W x 3, int64 labels)."""
+    """Sample the images with the given global indices, all in memory (for a few thousand at
+    most: `ddpm-engine sample` streams through engine.images.SampleRun instead); returns
+    (uint8 N x H x W x 3, int64 labels)."""
     batches = indices.split(batch_size)
     images, labels = [], []
     with tqdm(total=len(batches) * runner.plan.num_steps, desc="sampling", unit="step", disable=not progress) as bar:
         for batch in batches:
-            y = labels_for(batch, classes)
-            x = runner(y.to(runner.device), image_keys(seed, batch).to(runner.device), on_step=bar.update)
-            if not torch.isfinite(x).all():  # one check a batch, after the loop: no sync inside it
-                raise ValueError(f"the model produced NaN or infinite values (images {int(batch[0])}.."
-                                 f"{int(batch[-1])}): its weights or the sampling settings are broken")
-            images.append(to_uint8(x))
-            labels.append(y.numpy())
+            x, y = sample_batch(runner, batch, classes, seed, on_step=bar.update)
+            images.append(x)
+            labels.append(y)
     return np.concatenate(images), np.concatenate(labels)
 
 
