@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -64,38 +63,6 @@ def device_for(world: World, device: torch.device) -> torch.device:
         device = torch.device("cuda", world.local_rank)
         torch.cuda.set_device(device)
     return device
-
-
-def shard_counts(n: int, world_size: int) -> list[int]:
-    """Images per rank: contiguous shares differing by at most one, the larger ones first."""
-    return [n // world_size + (r < n % world_size) for r in range(world_size)]
-
-
-def shard(indices: torch.Tensor, world: World) -> torch.Tensor:
-    """This rank's contiguous slice of the indices (so rank order is index order)."""
-    counts = shard_counts(len(indices), world.size)
-    start = sum(counts[:world.rank])
-    return indices[start:start + counts[world.rank]]
-
-
-def gather(array: np.ndarray, n: int, world: World, device: torch.device) -> np.ndarray | None:
-    """Concatenate every rank's rows (rank order) on rank 0; None on the other ranks.
-
-    The shares' sizes are known from n, so each is padded to the largest and sent as one
-    tensor with a plain collective gather (on the rank's GPU for NCCL, else the CPU).
-    """
-    if world.size == 1:
-        return array
-    counts = shard_counts(n, world.size)
-    padded = np.zeros((counts[0], *array.shape[1:]), dtype=array.dtype)
-    padded[:len(array)] = array
-    comm_device = device if dist.get_backend() == "nccl" else torch.device("cpu")
-    local = torch.from_numpy(padded).to(comm_device)
-    parts = [torch.empty_like(local) for _ in range(world.size)] if world.is_main else None
-    dist.gather(local, parts, dst=0)
-    if not world.is_main:
-        return None
-    return np.concatenate([p[:c].cpu().numpy() for p, c in zip(parts, counts)])
 
 
 def broadcast_flag(world: World, flag: bool) -> bool:

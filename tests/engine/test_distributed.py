@@ -11,19 +11,11 @@ import torch
 
 from engine.checkpoint import save_checkpoint
 from engine.cli import main
-from engine.config import CIFAR10_CLASSES, ModelConfig, DiffusionConfig
-from engine.distributed import World, shard, shard_counts
+from engine.config import CIFAR10_CLASSES, DiffusionConfig, ModelConfig
 from engine.model import UNet
 
 SMALL = ModelConfig(image_size=16, ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), num_groups=8,
                     dropout=0.0)
-
-
-def test_shards_cover_the_indices_in_order():
-    assert shard_counts(7, 3) == [3, 2, 2] and shard_counts(2, 2) == [1, 1]
-    indices = torch.arange(7)
-    parts = [shard(indices, World(rank, 3)) for rank in range(3)]
-    assert torch.equal(torch.cat(parts), indices)
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="gloo multi-process test runs on Linux/macOS")
