@@ -1,5 +1,5 @@
-"""`ddpm-engine`: sample images or interpolations from a checkpoint, benchmark the backends, or score
-samples with FID and IS."""
+"""`ddpm-engine`: sample images or interpolations from a checkpoint, convert diffusers checkpoints,
+benchmark the backends, or score samples with FID and IS."""
 
 from __future__ import annotations
 
@@ -18,10 +18,11 @@ from tqdm import tqdm
 from engine import distributed
 from engine.backends import BACKENDS, PRECISIONS, build_runner
 from engine.bench import BENCH_BACKENDS, bench, format_header
-from engine.checkpoint import Checkpoint, CheckpointError, atomic_write, open_checkpoint
+from engine.checkpoint import Checkpoint, CheckpointError, atomic_write, open_checkpoint, save_checkpoint
 from engine.clitools import Parser, UsageError, float_range, int_range, non_negative_float, reported
-from engine.config import PRESETS
+from engine.config import PRESETS, ModelConfig
 from engine.datasets import SPLITS, DataError, ImageSource, open_images
+from engine.diffusers_format import load_diffusers, sampling_hint, save_diffusers
 from engine.fid import BACKENDS as FID_BACKENDS
 from engine.fid import (
     NO_CLASSIFIER,
@@ -50,6 +51,9 @@ EXAMPLES = """examples:
   ddpm-engine sample -n 8 --sampler ddpm --variance small --seed 7 --batch-size 4
   ddpm-engine interpolate --class 3 --pairs 2 --frames 9 --out interp
   ddpm-engine sample --checkpoint model.onnx -n 16           # ONNX Runtime (.plan: TensorRT)
+  ddpm-engine sample --checkpoint ddpm-cifar10-32 --sampler ddpm --variance small --clip-x0   # a diffusers folder
+  ddpm-engine convert --from-diffusers ddpm-cifar10-32 --out ddpm-cifar10.safetensors
+  ddpm-engine convert runs/tiny/model.safetensors --to-diffusers tiny-diffusers
   ddpm-engine sample -n 1000 --backend fused --device cuda     # fused U-Net + CUDA graphs, bf16
   torchrun --nproc-per-node 8 -m engine.cli sample -n 100000  # one share of the images per GPU
   ddpm-engine bench --preset ddpm-cifar10 --batch-sizes 2,256,1024
@@ -70,11 +74,12 @@ def build_parser() -> Parser:
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--checkpoint", type=Path, default=None,
-                       help="a .safetensors checkpoint, an exported .onnx file (ONNX Runtime) or a .plan "
-                            "(TensorRT) (default: the bundled CIFAR-10 model)")
+                       help="a .safetensors checkpoint, a diffusers UNet2DModel folder, an exported .onnx file "
+                            "(ONNX Runtime) or a .plan (TensorRT) (default: the bundled CIFAR-10 model)")
         p.add_argument("--guidance", "-w", type=guidance_scale, default=None,
                        help=f"guidance scale w in (1 + w) eps(x, c) - w eps(x, null); 0 = purely conditional "
-                            f"(default: {SAMPLE.guidance:g} for sample, {INTERPOLATION.guidance:g} for interpolate)")
+                            f"(default: {SAMPLE.guidance:g} for sample, {INTERPOLATION.guidance:g} for interpolate; "
+                            f"0 for a model without a learned null class, e.g. an unconditional one)")
         p.add_argument("--seed", type=int_range(0, MASK32), default=0, help="run seed (default: 0)")
         p.add_argument("--device", default="auto", help="auto, cpu or cuda[:k] (default: auto)")
         p.add_argument("--backend", choices=BACKENDS, default="auto",
@@ -105,7 +110,7 @@ def build_parser() -> Parser:
     interp = commands.add_parser("interpolate", help="interpolate between pairs of samples (lerp and slerp)",
                                  epilog=EXAMPLES)
     common(interp)
-    interp.add_argument("--class", dest="class_name", default="0", help="class index or name (default: 0)")
+    interp.add_argument("--class", dest="class_name", default=None, help="class index or name (default: 0)")
     interp.add_argument("--pairs", type=int_range(1), default=1, help="pairs of end points (default: 1)")
     interp.add_argument("--frames", type=int_range(2), default=9, help="images per row, ends included (default: 9)")
     interp.add_argument("--steps", type=int_range(1), default=None, help=f"DDIM steps (default: {DDIM_STEPS})")
@@ -124,6 +129,18 @@ def build_parser() -> Parser:
     bench_cmd.add_argument("--cpu-budget-s", type=non_negative_float, default=20.0,
                            help="on the CPU, skip cases estimated to take longer (default: 20)")
     bench_cmd.add_argument("--device", default="auto", help="auto, cpu or cuda[:k] (default: auto)")
+
+    convert = commands.add_parser("convert", help="a diffusers UNet2DModel folder to a checkpoint, or back",
+                                  epilog=EXAMPLES)
+    convert.add_argument("checkpoint", type=Path, nargs="?", default=None,
+                         help="the .safetensors checkpoint to export (with --to-diffusers)")
+    direction = convert.add_mutually_exclusive_group(required=True)
+    direction.add_argument("--from-diffusers", type=Path, metavar="DIR",
+                           help="a UNet2DModel folder (config.json, diffusion_pytorch_model.safetensors; "
+                                "scheduler_config.json beside them or in ../scheduler/), or a pipeline folder with unet/")
+    direction.add_argument("--to-diffusers", type=Path, metavar="OUT_DIR",
+                           help="write CHECKPOINT as a folder diffusers' UNet2DModel and DDPMScheduler load")
+    convert.add_argument("--out", type=Path, default=None, help="the checkpoint to write (with --from-diffusers)")
 
     def evaluation(p: argparse.ArgumentParser) -> None:
         p.add_argument("--split", choices=SPLITS, default=None,
@@ -210,6 +227,28 @@ def model_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
+def model_classes(text: str | None, ckpt: Checkpoint, flag: str = "--classes", default: str | None = None) -> list[int]:
+    """The labels named by a class flag (`default` when not given; None: every class); for an
+    unconditional model, its one label."""
+    if ckpt.config.num_classes == 0:
+        if text is not None:
+            raise UsageError(f"this model is unconditional: it has no classes to pick with {flag}")
+        return [ckpt.config.null_class]
+    return parse_classes(default if text is None else text, ckpt.class_names)
+
+
+def resolve_guidance(flag: float | None, default: float, config: ModelConfig) -> float:
+    """--guidance, else the command's default; a model without a learned null class (an unconditional
+    or an imported class-conditional one) has nothing to guide away from: 0, and any other scale refused."""
+    if config.guidable:
+        return default if flag is None else flag
+    if flag:
+        why = ("this model is unconditional" if config.num_classes == 0
+               else "this model has no learned null class (an imported class-conditional model)")
+        raise UsageError(f"{why}: --guidance must be 0")
+    return 0.0
+
+
 def cmd_sample(args) -> None:
     """Samples shard by shard into OUT.partial/ (engine.images.SampleRun), so memory stays flat in
     -n and an interrupted run continues where it stopped; under torchrun every rank samples every
@@ -221,11 +260,11 @@ def cmd_sample(args) -> None:
     try:
         device = distributed.device_for(world, device)
         ckpt = open_model(args.checkpoint, device)
-        classes = parse_classes(args.classes, ckpt.class_names)
+        classes = model_classes(args.classes, ckpt)
         n = args.n if args.n is not None else 10 * len(classes)
         settings = SampleSettings(sampler=args.sampler, steps=args.steps, eta=args.eta, variance=args.variance,
                                   spacing=args.spacing, clip_x0=args.clip_x0,
-                                  guidance=SAMPLE.guidance if args.guidance is None else args.guidance)
+                                  guidance=resolve_guidance(args.guidance, SAMPLE.guidance, ckpt.config))
         batch_size = min(args.batch_size or default_batch_size(device), SHARD_IMAGES)
         runner = build_runner(ckpt, settings, args.backend, device, args.precision, max_images=batch_size,
                               images=-(-n // world.size))
@@ -269,9 +308,9 @@ def cmd_interpolate(args) -> None:
     check_writable(args.out)
     device = distributed.resolve_device(args.device)
     ckpt = open_model(args.checkpoint, device)
-    (class_index,) = parse_classes(args.class_name, ckpt.class_names)
+    (class_index,) = model_classes(args.class_name, ckpt, "--class", default="0")
     settings = replace(INTERPOLATION, steps=args.steps,
-                       guidance=INTERPOLATION.guidance if args.guidance is None else args.guidance)
+                       guidance=resolve_guidance(args.guidance, INTERPOLATION.guidance, ckpt.config))
     images = 2 * args.pairs * args.frames  # one batch, one run: no CUDA graphs
     runner = build_runner(ckpt, settings, args.backend, device, args.precision, max_images=images, graphs=False,
                           images=images)
@@ -280,6 +319,31 @@ def cmd_interpolate(args) -> None:
         rows = [frames[i:i + args.frames] for i in range(0, len(frames), args.frames)]
         save_png(stage / "interpolation.png", grid(rows), scale=2)
     print(f"wrote {args.out}/interpolation.png (rows: lerp then slerp for each of {args.pairs} pair(s))")
+
+
+def describe(ckpt: Checkpoint) -> str:
+    config = ckpt.config
+    classes = ("unconditional" if config.num_classes == 0 else f"{config.num_classes} classes"
+               + ("" if config.learned_null else ", no learned null class (no guidance)"))
+    parameters = sum(p.numel() for p in ckpt.model.parameters())
+    return f"{parameters / 1e6:.1f}M parameters, {classes}, T = {ckpt.diffusion.num_timesteps}"
+
+
+def cmd_convert(args) -> None:
+    if args.from_diffusers is not None:
+        if args.checkpoint is not None or args.out is None:
+            raise UsageError("--from-diffusers DIR takes --out FILE.safetensors, and no CHECKPOINT")
+        check_writable(args.out.parent)
+        ckpt = load_diffusers(args.from_diffusers)
+        save_checkpoint(args.out, ckpt.model, ckpt.diffusion, ckpt.class_names)
+        print(f"wrote {args.out} ({describe(ckpt)}); {sampling_hint(args.from_diffusers)}")
+        return
+    if args.checkpoint is None or args.out is not None:
+        raise UsageError("--to-diffusers OUT_DIR takes a CHECKPOINT, and no --out")
+    ckpt = open_checkpoint(args.checkpoint)
+    save_diffusers(ckpt, args.to_diffusers)
+    print(f"wrote {args.to_diffusers}/ (config.json, diffusion_pytorch_model.safetensors, scheduler_config.json; "
+          f"{describe(ckpt)}): diffusers' UNet2DModel.from_pretrained and DDPMScheduler.from_pretrained load it")
 
 
 def cmd_bench(args) -> None:
@@ -378,8 +442,8 @@ def cmd_fid_ref(args) -> None:
     print(f"wrote {args.out}: statistics of {stats.count} images ({stats.source}{score}; {network.backend})")
 
 
-COMMANDS = {"sample": cmd_sample, "interpolate": cmd_interpolate, "bench": cmd_bench, "fid": cmd_fid,
-            "fid-ref": cmd_fid_ref}
+COMMANDS = {"sample": cmd_sample, "interpolate": cmd_interpolate, "convert": cmd_convert, "bench": cmd_bench,
+            "fid": cmd_fid, "fid-ref": cmd_fid_ref}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -83,11 +83,6 @@ BETA_SCHEDULES = {"linear": "linear", "squaredcos_cap_v2": "cosine"}  # diffuser
 OLD_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}  # diffusers < 0.15
 
 
-def is_diffusers_folder(path: str | os.PathLike) -> bool:
-    path = Path(path)
-    return path.is_dir() and ((path / CONFIG).is_file() or (path / "model_index.json").is_file())
-
-
 def read_json(path: Path) -> dict:
     try:
         if path.stat().st_size > MAX_JSON:
@@ -254,9 +249,10 @@ def scheduler_config(diffusion: DiffusionConfig) -> dict:
     }
 
 
-def sampling_hint(scheduler: dict | None) -> str:
-    """How to sample here as diffusers' DDPMScheduler of this config samples."""
-    cfg = {**SCHEDULER_DEFAULTS, **(scheduler or {})}
+def sampling_hint(path: str | os.PathLike) -> str:
+    """How to sample here as the DDPMScheduler of a diffusers folder samples."""
+    scheduler = scheduler_file(unet_folder(Path(path)))
+    cfg = {**SCHEDULER_DEFAULTS, **({} if scheduler is None else read_json(scheduler))}
     variance = "large" if str(cfg["variance_type"]).startswith("fixed_large") else "small"
     clip = " --clip-x0" if cfg["clip_sample"] else ""
     return (f"its DDPMScheduler samples with variance_type {cfg['variance_type']}, clip_sample "
@@ -398,7 +394,7 @@ def load_diffusers(path: str | os.PathLike, device: str | torch.device = "cpu") 
     ours = to_ours(theirs, skeleton)
     if theirs:
         raise CheckpointError(f"{folder / WEIGHTS}: {len(theirs)} tensors its config.json does not account for "
-                              f"(e.g. {sorted(theirs)[0][:80]})")
+                              f"(e.g. {min(theirs)[:80]})")
     shapes = expected_shapes(config)
     wrong = sorted(name for name, t in ours.items() if tuple(t.shape) != shapes[name])
     if wrong:
