@@ -245,7 +245,7 @@ def scheduler_config(diffusion: DiffusionConfig) -> dict:
         "beta_end": diffusion.beta_end,
         "beta_schedule": next(k for k, v in BETA_SCHEDULES.items() if v == diffusion.beta_schedule),
         "trained_betas": None, "variance_type": f"fixed_{defaults.variance}", "clip_sample": defaults.clip_x0,
-        "prediction_type": "epsilon", "timestep_spacing": "linspace",  # our "uniform" spacing
+        "prediction_type": "epsilon",
     }
 
 

@@ -28,7 +28,7 @@ from engine.diffusers_format import SCHEDULER_DEFAULTS, UNET_DEFAULTS, load_diff
 from engine.diffusion import make_betas
 from engine.model import UNet, count_parameters
 from engine.noise import image_keys
-from engine.sampler import SampleSettings
+from engine.sampler import SPACINGS, SampleSettings
 
 # google/ddpm-cifar10-32's config.json (the DDPM authors' CIFAR-10 model, converted by diffusers).
 DDPM_CIFAR10 = {
@@ -223,22 +223,26 @@ def test_scheduler_betas_match_diffusers(tmp_path, schedule):
     assert same_betas(scheduler, diffusion)
 
 
-def test_ddim_trajectory_matches_diffusers(tmp_path):
+@pytest.mark.parametrize("T, steps, spacing", [(100, 100, None), (1000, 10, "leading"), (1000, 10, "trailing")])
+def test_ddim_trajectory_matches_diffusers(tmp_path, T, steps, spacing):
     """Deterministic DDIM from the same x_T: diffusers' DDIMScheduler against our sampler.
 
-    diffusers' DDIMScheduler.step goes from t to t - T // S whatever its timestep_spacing, so with S
-    steps its trajectory is a DDIM trajectory over its own timesteps only for "leading" spacing (and
-    "linspace" when T = S); our spacings ("uniform" = diffusers' "linspace") equal "leading" only at
-    S = T. So the comparison takes every timestep of a T = 100 model.
+    DDIMScheduler.step goes from t to t - T // S whatever its timestep_spacing, so its S-step
+    trajectory is a DDIM trajectory over its own timesteps for "leading" and "trailing" spacing (T a
+    multiple of S), and for "linspace" (our original "uniform") only when S = T: at S = T every
+    spacing takes every timestep, which is compared with our default spacing. The S < T cases need
+    our spacing of diffusers' name (skipped where engine.sampler does not have it).
     """
+    if spacing is not None and spacing not in SPACINGS:
+        pytest.skip(f"our sampler has no {spacing!r} timestep spacing (engine.sampler.SPACINGS)")
     config = CONFIGS["class-conditional"]
-    T = 100
     net = diffusers_folder(config, tmp_path, {**DDPM_SCHEDULER, "num_train_timesteps": T})
     ckpt = open_checkpoint(tmp_path)  # a folder: routed to the converter
     scheduler = diffusers.DDIMScheduler(num_train_timesteps=T, beta_schedule="linear", clip_sample=False,
-                                        set_alpha_to_one=True, timestep_spacing="linspace", steps_offset=0)
-    scheduler.set_timesteps(T)
-    runner = build_runner(ckpt, SampleSettings(sampler="ddim", steps=T, eta=0.0, guidance=0.0), "eager")
+                                        set_alpha_to_one=True, timestep_spacing=spacing or "linspace", steps_offset=0)
+    scheduler.set_timesteps(steps)
+    settings = SampleSettings(sampler="ddim", steps=steps, eta=0.0, guidance=0.0)
+    runner = build_runner(ckpt, settings if spacing is None else replace(settings, spacing=spacing), "eager")
     assert scheduler.timesteps.tolist() == runner.plan.timesteps.flip(0).tolist()
     g = torch.Generator().manual_seed(5)
     x_T = torch.randn(2, 3, 16, 16, generator=g)
@@ -249,7 +253,7 @@ def test_ddim_trajectory_matches_diffusers(tmp_path):
             x = scheduler.step(net(x, t, class_labels=y).sample, t, x, eta=0.0).prev_sample
     ours = runner(y, image_keys(0, torch.arange(2)), x_T=x_T)
     error = relative_error(ours, x)
-    print(f"DDIM trajectory over {T} steps: max relative error {error:.2e}")
+    print(f"DDIM trajectory, T = {T}, {steps} steps, {spacing or 'default'} spacing: max relative error {error:.2e}")
     assert error <= TRAJECTORY_TOLERANCE, error
 
 
