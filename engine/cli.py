@@ -39,7 +39,7 @@ from engine.fid import (
 from engine.generate import INTERPOLATION, default_batch_size, interpolate, sample_batch
 from engine.images import SampleRun, check_writable, grid, save_png, staged_output
 from engine.noise import MASK32
-from engine.sampler import DDIM_STEPS, SAMPLERS, SPACINGS, VARIANCES, SampleSettings
+from engine.sampler import DDIM_STEPS, DPM_STEPS, SAMPLERS, SPACINGS, VARIANCES, SampleSettings
 
 SAMPLE = SampleSettings()  # the sample command's defaults
 
@@ -48,6 +48,7 @@ BUNDLED_CHECKPOINT = Path(__file__).parent / "weights" / "cifar10.safetensors"
 EXAMPLES = """examples:
   ddpm-engine sample --checkpoint runs/tiny/model.safetensors -n 20 --out samples
   ddpm-engine sample -n 100 --classes cat,dog --guidance 1.8 --sampler ddim --steps 50
+  ddpm-engine sample -n 100 --sampler dpm++2m --steps 20 --spacing trailing   # DPM-Solver++(2M)
   ddpm-engine sample -n 8 --sampler ddpm --variance small --seed 7 --batch-size 4
   ddpm-engine interpolate --class 3 --pairs 2 --frames 9 --out interp
   ddpm-engine sample --checkpoint model.onnx -n 16           # ONNX Runtime (.plan: TensorRT)
@@ -94,7 +95,7 @@ def build_parser() -> Parser:
     sample.add_argument("--classes", default=None, help="comma-separated class indices or names (default: all)")
     sample.add_argument("--sampler", choices=SAMPLERS, default=SAMPLE.sampler, help=f"default: {SAMPLE.sampler}")
     sample.add_argument("--steps", type=int_range(1), default=SAMPLE.steps,
-                        help=f"sampling steps (default: T for ddpm, {DDIM_STEPS} for ddim)")
+                        help=f"sampling steps (default: T for ddpm, {DDIM_STEPS} for ddim, {DPM_STEPS} for dpm++2m)")
     sample.add_argument("--eta", type=non_negative_float, default=SAMPLE.eta,
                         help=f"DDIM eta (default: {SAMPLE.eta:g}, deterministic)")
     sample.add_argument("--variance", choices=VARIANCES, default=SAMPLE.variance,
@@ -113,7 +114,10 @@ def build_parser() -> Parser:
     interp.add_argument("--class", dest="class_name", default=None, help="class index or name (default: 0)")
     interp.add_argument("--pairs", type=int_range(1), default=1, help="pairs of end points (default: 1)")
     interp.add_argument("--frames", type=int_range(2), default=9, help="images per row, ends included (default: 9)")
-    interp.add_argument("--steps", type=int_range(1), default=None, help=f"DDIM steps (default: {DDIM_STEPS})")
+    interp.add_argument("--sampler", choices=["ddim", "dpm++2m"], default=INTERPOLATION.sampler,
+                        help=f"a deterministic sampler (default: {INTERPOLATION.sampler})")
+    interp.add_argument("--steps", type=int_range(1), default=None,
+                        help=f"sampling steps (default: {DDIM_STEPS} for ddim, {DPM_STEPS} for dpm++2m)")
     interp.add_argument("--out", type=Path, default=Path("interpolation"), help="output folder (default: ./interpolation)")
 
     bench_cmd = commands.add_parser("bench", help="per-step latency and images/s of each backend, same run",
@@ -309,7 +313,7 @@ def cmd_interpolate(args) -> None:
     device = distributed.resolve_device(args.device)
     ckpt = open_model(args.checkpoint, device)
     (class_index,) = model_classes(args.class_name, ckpt, "--class", default="0")
-    settings = replace(INTERPOLATION, steps=args.steps,
+    settings = replace(INTERPOLATION, sampler=args.sampler, steps=args.steps,
                        guidance=resolve_guidance(args.guidance, INTERPOLATION.guidance, ckpt.config))
     images = 2 * args.pairs * args.frames  # one batch, one run: no CUDA graphs
     runner = build_runner(ckpt, settings, args.backend, device, args.precision, max_images=images, graphs=False,

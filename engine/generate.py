@@ -7,7 +7,7 @@ engine.backends.build_runner. Its `step` is the one step body every path runs:
 
     eps = (1 + w) eps(x, c) - w eps(x, null)          the U-Net on ONE batch of 2B (guided_eps)
     z   = per-image noise of step i                   (noise.gaussian_noise, keyed by image)
-    x  <- c_x0 x0_hat + c_xt x + c_eps eps + sigma z   (sampler.step)
+    x  <- c_x0 x0_hat + c_xt x + c_eps eps + c_prev x0_hat_prev + sigma z   (sampler.step)
 
 A Runner loops over the steps in Python; with `graphs` (the fused backend on CUDA) it hands the
 batch to engine.graphs.StepGraphs, which replays the same step as one CUDA graph per step. The
@@ -68,11 +68,13 @@ class Runner:
     def device(self) -> torch.device:
         return self.plan.timesteps.device
 
-    def step(self, i: int | torch.Tensor, x: torch.Tensor, labels: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        """x_{t_i} -> x_{t_{i-1}}. i: a Python int, or a (1,) device tensor (CUDA graphs: no host read)."""
+    def step(self, i: int | torch.Tensor, x: torch.Tensor, x0_prev: torch.Tensor, labels: torch.Tensor,
+             keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x_{t_i} -> x_{t_{i-1}}; returns it with this step's x0_hat (the next step's x0_prev).
+        i: a Python int, or a (1,) device tensor (CUDA graphs: no host read)."""
         t = self.plan.timesteps[i].expand(len(x))
         eps = guided_eps(self.model, x, t, labels, self.guidance, self.null_class).float()
-        return step(self.plan, i, x, eps, gaussian_noise(keys, i, self.shape), self.clip_x0)
+        return step(self.plan, i, x, eps, gaussian_noise(keys, i, self.shape), x0_prev, self.clip_x0)
 
     @torch.no_grad()
     def __call__(self, labels: torch.Tensor, keys: torch.Tensor, x_T: torch.Tensor | None = None,
@@ -82,8 +84,9 @@ class Runner:
         if self.graphs is not None:
             return self.graphs.run(self, labels, keys, x_T, on_step)
         x = gaussian_noise(keys, INITIAL_STREAM, self.shape) if x_T is None else x_T.float()
+        x0 = torch.zeros_like(x)
         for i in reversed(range(self.plan.num_steps)):
-            x = self.step(i, x, labels, keys)
+            x, x0 = self.step(i, x, x0, labels, keys)
             if on_step is not None:
                 on_step()
         return x
@@ -96,7 +99,7 @@ class Runner:
             return advance  # counts down from step S - 1: fine for fewer than S calls
         x = gaussian_noise(keys, 0, self.shape)
         i = self.plan.num_steps // 2
-        return torch.no_grad()(lambda: self.step(i, x, labels, keys))
+        return torch.no_grad()(lambda: self.step(i, x, x, labels, keys))
 
 
 def default_batch_size(device: torch.device | str) -> int:

@@ -2,7 +2,7 @@
 
 One replay runs a whole step of the reverse process for a fixed batch B, the Runner's own
 step body (engine.generate.Runner.step: the 2B guided U-Net call, the per-image noise, the
-update), and then i <- i - 1. The step index lives in a device tensor of shape (1,) that the
+update, and the x0_hat that DPM-Solver++(2M) keeps for the next step), and then i <- i - 1. The step index lives in a device tensor of shape (1,) that the
 graph itself decrements, and every coefficient is read from the Runner's `SamplerPlan`
 already on the device, so the host only calls `replay()` S times: no copies, no
 synchronisation inside the loop.
@@ -51,6 +51,7 @@ class _Bucket:
     """The static tensors a graph reads and writes, for one batch size."""
 
     x: torch.Tensor           # x_t, float32 (B, C, H, W), updated in place
+    x0: torch.Tensor          # the last step's x0_hat (DPM-Solver++(2M)'s memory), same shape
     labels: torch.Tensor      # int64 (B,)
     keys: torch.Tensor        # int64 (B,)
     index: torch.Tensor       # int64 (1,): the step i the next replay runs
@@ -105,7 +106,9 @@ class StepGraphs:
         bucket = self._bucket(self.bucket_for(n), labels.device, runner.shape)
 
         def advance_eagerly() -> None:
-            bucket.x.copy_(runner.step(bucket.index, bucket.x, bucket.labels, bucket.keys))
+            x, x0 = runner.step(bucket.index, bucket.x, bucket.x0, bucket.labels, bucket.keys)
+            bucket.x.copy_(x)
+            bucket.x0.copy_(x0)
             bucket.index.sub_(1)
 
         if self.capture and bucket.graph is None:
@@ -118,6 +121,7 @@ class StepGraphs:
         bucket.x.copy_(gaussian_noise(bucket.keys, INITIAL_STREAM, runner.shape))
         if x_T is not None:
             bucket.x[:n] = x_T
+        bucket.x0.zero_()
         bucket.index.fill_(runner.plan.num_steps - 1)
         return (bucket.graph.replay if self.capture else advance_eagerly), bucket.x[:n]
 
@@ -125,6 +129,7 @@ class StepGraphs:
         if size not in self._state:
             self._state[size] = _Bucket(
                 x=torch.zeros(size, *shape, device=device),
+                x0=torch.zeros(size, *shape, device=device),
                 labels=torch.zeros(size, dtype=torch.int64, device=device),
                 keys=torch.zeros(size, dtype=torch.int64, device=device),
                 index=torch.zeros(1, dtype=torch.int64, device=device))

@@ -1,13 +1,18 @@
-"""Samplers: DDPM ancestral sampling (Ho et al. 2020, Algorithm 2) and DDIM (Song et al.
-2020), with classifier-free guidance (Ho & Salimans 2022).
+"""Samplers: DDPM ancestral sampling (Ho et al. 2020, Algorithm 2), DDIM (Song et al. 2020)
+and DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Algorithm 2), with classifier-free
+guidance (Ho & Salimans 2022) applied to eps before any of them sees it.
 
 `SampleSettings` names a sampler and its settings, and is the one home of their defaults
-(the command lines read theirs from it). Both samplers are written as one update,
-    x_{t_prev} = c_x0 * x0_hat + c_xt * x_t + c_eps * eps_hat + sigma * z,
+(the command lines read theirs from it). All samplers are written as one update,
+    x_{t_prev} = c_x0 * x0_hat + c_xt * x_t + c_eps * eps_hat + c_prev * x0_hat_prev + sigma * z,
 whose per-step coefficients are precomputed once (a `SamplerPlan`), so that a step reads no
-host value and branches on no tensor. Notation as in engine.diffusion: `ab` = alpha-bar.
-Sampling over a subsequence t_S > ... > t_1 of the T timesteps uses the respaced variances
-beta'_i = 1 - ab[t_i] / ab[t_{i-1}] (Nichol & Dhariwal 2021, section 4).
+host value and branches on no tensor; x0_hat_prev (the previous step's x0_hat) is what makes
+DPM-Solver++(2M) second order, and is 0-weighted for the others. Notation as in
+engine.diffusion: `ab` = alpha-bar; alpha_t = sqrt(ab), sigma_t = sqrt(1 - ab) and
+lambda_t = log(alpha_t / sigma_t) (half the log-SNR) as in DPM-Solver. Sampling over a
+subsequence t_S > ... > t_1 of the T timesteps uses the respaced variances
+beta'_i = 1 - ab[t_i] / ab[t_{i-1}] (Nichol & Dhariwal 2021, section 4). After the smallest
+timestep every sampler steps to the clean image (ab = 1).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ class SamplerPlan:
     coef_x0: torch.Tensor
     coef_xt: torch.Tensor
     coef_eps: torch.Tensor
+    coef_prev_x0: torch.Tensor  # weight of the previous step's x0_hat (DPM-Solver++(2M) only)
     sigma: torch.Tensor
 
     @property
@@ -40,27 +46,29 @@ class SamplerPlan:
         return SamplerPlan(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
 
-SAMPLERS = ("ddpm", "ddim")
-SPACINGS = ("uniform", "quadratic")
+SAMPLERS = ("ddpm", "ddim", "dpm++2m")
+SPACINGS = ("linspace", "leading", "trailing", "quadratic")
 VARIANCES = ("large", "small")
 DDIM_STEPS = 50  # DDIM's default number of steps; DDPM takes all T by default
+DPM_STEPS = 20   # DPM-Solver++(2M)'s: its paper's guided samples converge in 15-20 steps
 
 
 @dataclass(frozen=True)
 class SampleSettings:
     """A sampler and its settings. The defaults here are every tool's defaults."""
 
-    sampler: str = "ddim"           # "ddpm" (ancestral) or "ddim"
-    steps: int | None = None        # None: all T steps for DDPM, DDIM_STEPS for DDIM
+    sampler: str = "ddim"           # "ddpm" (ancestral), "ddim" or "dpm++2m"
+    steps: int | None = None        # None: all T steps for DDPM, DDIM_STEPS for DDIM, DPM_STEPS for DPM-Solver++
     eta: float = 0.0                # DDIM only: 0 deterministic, 1 DDPM-like noise
     variance: str = "large"         # DDPM only: "large" (sigma^2 = beta) or "small" (posterior)
-    spacing: str = "uniform"        # "uniform" or "quadratic"
+    spacing: str = "linspace"       # which timesteps (see timestep_sequence)
     guidance: float = 1.8           # w in (1 + w) eps(x, c) - w eps(x, null); 0: purely conditional
     clip_x0: bool = False           # clip the predicted x_0 to [-1, 1] at each step
 
     def num_steps(self, num_timesteps: int) -> int:
         """The steps this sampler takes on a model with T = num_timesteps."""
-        steps = self.steps or (num_timesteps if self.sampler == "ddpm" else DDIM_STEPS)
+        default = {"ddpm": num_timesteps, "dpm++2m": DPM_STEPS}.get(self.sampler, DDIM_STEPS)
+        steps = self.steps or default
         if self.steps is not None and self.steps > num_timesteps:
             raise ValueError(f"--steps {self.steps} exceeds the model's T = {num_timesteps}")
         return min(steps, num_timesteps)
@@ -72,27 +80,44 @@ class SampleSettings:
                 plan = ddpm_plan(diffusion, steps, self.variance, self.spacing)
             case "ddim":
                 plan = ddim_plan(diffusion, steps, self.eta, self.spacing)
+            case "dpm++2m":
+                plan = dpm_solver_plan(diffusion, steps, self.spacing)
             case _:
                 raise ValueError(f"unknown sampler {self.sampler!r}; use {' or '.join(SAMPLERS)}")
         return plan.to(device)
 
 
-def timestep_sequence(num_timesteps: int, steps: int, spacing: str = "uniform") -> torch.Tensor:
-    """S increasing timesteps from 0 to T-1: evenly spaced, or quadratic (dense near t = 0, as in DDIM)."""
+def timestep_sequence(num_timesteps: int, steps: int, spacing: str = "linspace") -> torch.Tensor:
+    """S increasing timesteps in [0, T - 1] where the model is evaluated; named as in diffusers.
+
+    linspace   round(linspace(0, T - 1, S)): both ends (diffusers' DDIM "linspace"; Nichol &
+               Dhariwal 2021's even respacing)
+    leading    0, T // S, 2 (T // S), ...: the DDIM paper's `range(0, T, T // S)` (diffusers'
+               "leading" without an offset); it never evaluates t = T - 1
+    trailing   round(T - k T / S) - 1 for k = S-1..0: ends at T - 1 (diffusers' "trailing", Lin et al.
+               2024, "Common diffusion noise schedules and sample steps are flawed")
+    quadratic  int(linspace(0, sqrt(0.8 T), S)^2): the DDIM paper's quadratic sequence (dense near
+               t = 0, ending at 0.8 T), kept strictly increasing where squares collide near 0
+    """
     if not 1 <= steps <= num_timesteps:
         raise ValueError(f"steps must be in [1, {num_timesteps}], got {steps}")
-    last = num_timesteps - 1
-    if spacing == "uniform":
-        seq = torch.linspace(0, last, steps, dtype=torch.float64).round().long()
-    elif spacing == "quadratic":
-        seq = (torch.linspace(0, last**0.5, steps, dtype=torch.float64) ** 2).round().long()
-        for i in range(1, steps):  # keep the sequence strictly increasing where squares collide near 0
-            seq[i] = max(seq[i], seq[i - 1] + 1)
-        seq = torch.minimum(seq, torch.arange(last - steps + 1, last + 1))
-    else:
-        raise ValueError(f"unknown spacing {spacing!r}; use uniform or quadratic")
-    if steps == 1:
-        seq = torch.tensor([last])
+    T = num_timesteps
+    match "linspace" if spacing == "uniform" else spacing:  # "uniform": this spacing's name before 2026-11
+        case "linspace":
+            seq = torch.linspace(0, T - 1, steps, dtype=torch.float64).round().long()
+            if steps == 1:
+                seq = torch.tensor([T - 1])
+        case "leading":
+            seq = torch.arange(steps) * (T // steps)
+        case "trailing":
+            seq = (torch.arange(T, 0, -T / steps, dtype=torch.float64).round().long() - 1).flip(0)[-steps:]
+        case "quadratic":
+            seq = (torch.linspace(0, (0.8 * T) ** 0.5, steps, dtype=torch.float64) ** 2).floor().long()
+            for i in range(1, steps):
+                seq[i] = max(seq[i], seq[i - 1] + 1)
+            seq = torch.minimum(seq, torch.arange(T - steps, T))
+        case _:
+            raise ValueError(f"unknown spacing {spacing!r}; use {', '.join(SPACINGS)}")
     return seq
 
 
@@ -100,13 +125,17 @@ def _plan(timesteps: torch.Tensor, ab_all: torch.Tensor, coefs) -> SamplerPlan:
     ab = ab_all[timesteps]
     ab_prev = torch.cat([torch.ones(1, dtype=ab.dtype), ab[:-1]])  # ab at t_{i-1}; 1 after the last step
     coef_x0, coef_xt, coef_eps, sigma = coefs(ab, ab_prev)
+    return _plan_of(timesteps, ab, coef_x0, coef_xt, coef_eps, torch.zeros_like(ab), sigma)
+
+
+def _plan_of(timesteps, ab, coef_x0, coef_xt, coef_eps, coef_prev_x0, sigma) -> SamplerPlan:
     as32 = lambda v: v.to(torch.float32)
-    return SamplerPlan(timesteps.long(), as32(ab.sqrt()), as32((1 - ab).sqrt()),
-                       as32(coef_x0), as32(coef_xt), as32(coef_eps), as32(sigma))
+    return SamplerPlan(timesteps.long(), as32(ab.sqrt()), as32((1 - ab).sqrt()), as32(coef_x0), as32(coef_xt),
+                       as32(coef_eps), as32(coef_prev_x0), as32(sigma))
 
 
 def ddpm_plan(diffusion: DiffusionConfig, steps: int | None = None, variance: str = "large",
-              spacing: str = "uniform") -> SamplerPlan:
+              spacing: str = "linspace") -> SamplerPlan:
     """Ancestral sampling, p(x_{t-1} | x_t) = N(mu~_t(x_t, x0_hat), sigma_t^2 I).
 
     variance "large": sigma_t^2 = beta_t (the report's choice); "small": the posterior
@@ -129,7 +158,7 @@ def ddpm_plan(diffusion: DiffusionConfig, steps: int | None = None, variance: st
 
 
 def ddim_plan(diffusion: DiffusionConfig, steps: int = 50, eta: float = 0.0,
-              spacing: str = "uniform") -> SamplerPlan:
+              spacing: str = "linspace") -> SamplerPlan:
     """DDIM (Song et al. 2020, Eq. 12); eta = 0 is deterministic, eta = 1 is DDPM with the posterior variance."""
     if eta < 0:
         raise ValueError("eta must be non-negative")
@@ -144,13 +173,42 @@ def ddim_plan(diffusion: DiffusionConfig, steps: int = 50, eta: float = 0.0,
     return _plan(timestep_sequence(diffusion.num_timesteps, steps, spacing), make_alpha_bar(diffusion), coefs)
 
 
-def step(plan: SamplerPlan, i: int, x: torch.Tensor, eps: torch.Tensor, z: torch.Tensor,
-         clip_x0: bool = False) -> torch.Tensor:
-    """One update x_{t_i} -> x_{t_{i-1}}; coefficients come from the plan, nothing from the host."""
+def dpm_solver_plan(diffusion: DiffusionConfig, steps: int = DPM_STEPS, spacing: str = "linspace") -> SamplerPlan:
+    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2: multistep, second order, data prediction), the
+    deterministic (ODE) sampler; the first step, and the last one into the clean image, are first
+    order (as diffusers' DPMSolverMultistepScheduler with final_sigmas_type "zero")."""
+    timesteps = timestep_sequence(diffusion.num_timesteps, steps, spacing)
+    ab_all = make_alpha_bar(diffusion)
+    ab = ab_all[timesteps]
+    ab_prev = torch.cat([torch.ones(1, dtype=ab.dtype), ab[:-1]])  # the step's target; 1 after the last
+    alpha, sigma = ab.sqrt(), (1 - ab).sqrt()
+    alpha_to, sigma_to = ab_prev.sqrt(), (1 - ab_prev).sqrt()
+    # h_i = lambda_{t_{i-1}} - lambda_{t_i}; exp(-h_i) = (sigma_to / alpha_to) / (sigma / alpha), 0 into the clean image.
+    exp_neg_h = sigma_to * alpha / (alpha_to * sigma)
+    first = alpha_to * (1 - exp_neg_h)  # first order (DDIM in lambda): x_to = sigma_to / sigma x - alpha_to (e^-h - 1) x0
+    coef_x0, coef_prev = first.clone(), torch.zeros_like(ab)
+    # Second order where the previous step exists and the target is not the clean image:
+    # D = (1 + 1 / (2 r)) x0_i - 1 / (2 r) x0_{i+1}, r = h_{i+1} / h_i (Algorithm 2, line 5).
+    lam = (alpha / sigma).log()
+    for i in range(1, len(timesteps) - 1):
+        h, h_before = (alpha_to[i] / sigma_to[i]).log() - lam[i], lam[i] - lam[i + 1]
+        r = h_before / h
+        coef_x0[i] = first[i] * (1 + 1 / (2 * r))
+        coef_prev[i] = -first[i] / (2 * r)
+    zeros = torch.zeros_like(ab)
+    return _plan_of(timesteps, ab, coef_x0, sigma_to / sigma, zeros, coef_prev, zeros)
+
+
+def step(plan: SamplerPlan, i: int | torch.Tensor, x: torch.Tensor, eps: torch.Tensor, z: torch.Tensor,
+         x0_prev: torch.Tensor, clip_x0: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """One update x_{t_i} -> x_{t_{i-1}}; returns (x_{t_{i-1}}, x0_hat) (the next step's x0_prev).
+    Coefficients come from the plan, nothing from the host."""
     sqrt_ab, sqrt_1m_ab = plan.sqrt_ab[i], plan.sqrt_1m_ab[i]
     # Eq. 15 (Ho et al.) / Eq. 9 (Song et al.): x0_hat = (x_t - sqrt(1 - ab_t) eps) / sqrt(ab_t).
     x0 = (x - sqrt_1m_ab * eps) / sqrt_ab
     if clip_x0:
         x0 = x0.clamp(-1, 1)
         eps = (x - sqrt_ab * x0) / sqrt_1m_ab
-    return plan.coef_x0[i] * x0 + plan.coef_xt[i] * x + plan.coef_eps[i] * eps + plan.sigma[i] * z
+    x_next = (plan.coef_x0[i] * x0 + plan.coef_xt[i] * x + plan.coef_eps[i] * eps + plan.coef_prev_x0[i] * x0_prev
+              + plan.sigma[i] * z)
+    return x_next, x0

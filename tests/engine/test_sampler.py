@@ -65,10 +65,10 @@ def test_samples_have_the_data_mean_and_variance(make_plan):
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
 def test_fewer_steps_converge_to_the_data_variance(sampler):
     # With S < T steps the error is the discretisation's: it shrinks as S grows, and the
-    # quadratic spacing (dense near t = 0, where narrow data is resolved) beats uniform at S = 50.
+    # quadratic spacing (dense near t = 0, where narrow data is resolved) beats linspace at S = 50.
     d = DiffusionConfig()
     make = (lambda s, sp: ddpm_plan(d, s, "small", sp)) if sampler == "ddpm" else (lambda s, sp: ddim_plan(d, s, 0.0, sp))
-    e50, e200 = sample_std_error(make(50, "uniform")), sample_std_error(make(200, "uniform"))
+    e50, e200 = sample_std_error(make(50, "linspace")), sample_std_error(make(200, "linspace"))
     assert e200 < e50
     assert sample_std_error(make(50, "quadratic")) < e50
 
@@ -78,9 +78,9 @@ def test_ddim_with_eta_one_is_ddpm_with_posterior_variance():
     diffusion = DiffusionConfig()
     ddim, ddpm = ddim_plan(diffusion, steps=40, eta=1.0), ddpm_plan(diffusion, steps=40, variance="small")
     assert torch.allclose(ddim.sigma, ddpm.sigma, atol=1e-6)
-    x, eps, z = torch.randn(3, 4, *SHAPE)
+    x, eps, z, x0_prev = torch.randn(4, 4, *SHAPE)
     for i in (0, 1, 17, 39):
-        assert torch.allclose(step(ddim, i, x, eps, z), step(ddpm, i, x, eps, z), atol=1e-4)
+        assert torch.allclose(step(ddim, i, x, eps, z, x0_prev)[0], step(ddpm, i, x, eps, z, x0_prev)[0], atol=1e-4)
 
 
 def test_full_ddpm_plan_follows_algorithm_2():
@@ -92,21 +92,24 @@ def test_full_ddpm_plan_follows_algorithm_2():
     x, eps, z = torch.randn(3, 4, *SHAPE, dtype=torch.float64).float()
     for t in (999, 500, 1):
         expected = (x - betas[t] / (1 - ab[t]).sqrt() * eps) / (1 - betas[t]).sqrt() + betas[t].sqrt() * z
-        assert torch.allclose(step(plan, t, x, eps, z), expected.float(), atol=1e-4)
+        assert torch.allclose(step(plan, t, x, eps, z, torch.randn_like(x))[0], expected.float(), atol=1e-4)
     # Algorithm 2 adds no noise at t = 1.
     assert plan.sigma[0].item() == 0.0
 
 
-@pytest.mark.parametrize("spacing", ["uniform", "quadratic"])
-@pytest.mark.parametrize("steps", [1, 2, 7, 50, 333, 1000])
-def test_timestep_sequence(spacing, steps):
-    seq = timestep_sequence(1000, steps, spacing)
-    assert len(seq) == steps
-    assert seq[-1].item() == 999
-    assert (seq.diff() > 0).all()
-    assert seq[0].item() >= 0
-    if steps > 1:
-        assert seq[0].item() == 0
+@pytest.mark.parametrize("spacing, s10", [
+    # The sequences written out from their definitions (diffusers' set_timesteps, the DDIM paper's code).
+    ("linspace", [0, 111, 222, 333, 444, 555, 666, 777, 888, 999]),
+    ("leading", [0, 100, 200, 300, 400, 500, 600, 700, 800, 900]),
+    ("trailing", [99, 199, 299, 399, 499, 599, 699, 799, 899, 999]),
+    ("quadratic", [0, 9, 39, 88, 158, 246, 355, 483, 632, 800]),
+])
+def test_timestep_spacings(spacing, s10):
+    assert timestep_sequence(1000, 10, spacing).tolist() == s10
+    for steps in (1, 2, 7, 50, 333, 1000):
+        seq = timestep_sequence(1000, steps, spacing)
+        assert len(seq) == steps and (seq.diff() > 0).all() and 0 <= seq[0] and seq[-1] <= 999
+    assert timestep_sequence(1000, 3, "trailing").tolist() == [332, 666, 999]  # round(1000 - 1000 k / 3) - 1
 
 
 @pytest.mark.parametrize("steps", [0, 1001])
@@ -138,8 +141,67 @@ def test_sample_settings_resolve_their_steps():
     assert SampleSettings(sampler="ddpm").num_steps(100) == 100
     assert SampleSettings(sampler="ddim").num_steps(100) == 50
     assert SampleSettings(sampler="ddim").num_steps(20) == 20  # a model with T < 50
+    assert SampleSettings(sampler="dpm++2m").num_steps(1000) == 20
     assert SampleSettings(sampler="ddim", steps=7).plan(diffusion).num_steps == 7
     with pytest.raises(ValueError, match="exceeds the model's T = 100"):
         SampleSettings(steps=101).plan(diffusion)
     with pytest.raises(ValueError, match="unknown sampler"):
         SampleSettings(sampler="euler").plan(diffusion)
+
+
+def exact_ode_solution(x_start, ab_start, mean, std):
+    """The probability-flow ODE from x at ab_start to t = 0, for x_0 ~ N(mean, std^2 I): the marginal
+    at t is N(sqrt(ab) mean, (ab std^2 + 1 - ab) I), and the flow keeps each coordinate's
+    standardized value, so x_0 = mean + std (x - sqrt(ab) mean) / sqrt(ab std^2 + 1 - ab)."""
+    return mean + std * (x_start - ab_start.sqrt() * mean) / (ab_start * std**2 + 1 - ab_start).sqrt()
+
+
+@pytest.mark.parametrize("sampler, low, high", [("ddim", 1.7, 2.3), ("dpm++2m", 3.5, None)])
+def test_ode_samplers_converge_at_their_order(sampler, low, high):
+    """On Gaussian data with the exact eps, the deterministic samplers' error against the ODE's
+    closed-form solution falls as S^-order: doubling the steps divides it by ~2 for DDIM (first
+    order) and by 4 or more for DPM-Solver++(2M) (second order). The quadratic spacing ends at
+    t = 0, so the final jump to the clean image (first order in both) adds only ~1e-4."""
+    diffusion = DiffusionConfig()
+    model = GaussianOracle(diffusion, MEANS, STD)
+    labels = torch.tensor([0, 1, 0, 1])
+    keys = image_keys(7, torch.arange(4))
+    x_T = torch.randn(4, *SHAPE, generator=torch.Generator().manual_seed(0))
+    errors = []
+    for steps in (20, 40, 80):
+        plan = SampleSettings(sampler=sampler, steps=steps, spacing="quadratic", guidance=0.0).plan(diffusion)
+        x0 = Runner(sampler, model, plan, SHAPE, 2, 0.0)(labels, keys, x_T=x_T)
+        ab_start = alpha_bar(diffusion)[plan.timesteps[-1]]
+        exact = exact_ode_solution(x_T.double(), ab_start, MEANS[labels].double(), STD)
+        errors.append((x0.double() - exact).abs().max().item())
+    ratios = [errors[0] / errors[1], errors[1] / errors[2]]
+    assert all(low < r and (high is None or r < high) for r in ratios), (errors, ratios)
+
+
+def test_dpm_solver_matches_diffusers():
+    """DPM-Solver++(2M) against diffusers' DPMSolverMultistepScheduler (dpmsolver++, order 2, the
+    same "trailing" timesteps, final step to sigma 0) on the Gaussian oracle, guided."""
+    diffusers = pytest.importorskip("diffusers", reason="diffusers (test extra) is the oracle")
+    diffusion = DiffusionConfig()
+    model = GaussianOracle(diffusion, MEANS, STD)
+    labels, keys, w = torch.tensor([0, 1, 1]), image_keys(3, torch.arange(3)), 1.5
+    x_T = torch.randn(3, *SHAPE, generator=torch.Generator().manual_seed(1))
+    for steps in (1, 2, 5, 20):
+        plan = SampleSettings(sampler="dpm++2m", steps=steps, spacing="trailing").plan(diffusion)
+        # Ours runs in float32; x0_hat = (x - sigma eps) / alpha at t = 999 (alpha = 0.006) scales
+        # float32 rounding by 1/alpha, so a one-step run carries ~1e-5 on its own.
+        ours = Runner("dpm", model, plan, SHAPE, 2, w)(labels, keys, x_T=x_T)
+
+        scheduler = diffusers.DPMSolverMultistepScheduler(
+            num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
+            algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint", prediction_type="epsilon",
+            timestep_spacing="trailing", final_sigmas_type="zero", lower_order_final=True)
+        scheduler.set_timesteps(steps)
+        assert scheduler.timesteps.tolist() == plan.timesteps.flip(0).tolist()
+        x = x_T.clone().double()  # diffusers in float64: the reference
+        for t in scheduler.timesteps:
+            tt = torch.full((3,), int(t))
+            eps = guided_eps(model, x.float(), tt, labels, w, 2).double()
+            x = scheduler.step(eps, t, x).prev_sample
+        error = ((ours.double() - x).norm() / x.norm()).item()
+        assert error < (2e-5 if steps == 1 else 1e-5), (steps, error)
