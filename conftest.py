@@ -7,10 +7,23 @@ the interpreter, on CPU tensors.
 
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def private_engine_cache(tmp_path_factory):
+    """Exported ONNX graphs cached by the tests go to a folder of the test session, not ~/.cache."""
+    old = os.environ.get("DDPM_ENGINE_CACHE")
+    os.environ["DDPM_ENGINE_CACHE"] = str(tmp_path_factory.mktemp("engine-cache"))
+    yield
+    if old is None:
+        os.environ.pop("DDPM_ENGINE_CACHE", None)
+    else:
+        os.environ["DDPM_ENGINE_CACHE"] = old
 
 
 def pytest_collection_modifyitems(config, items):
@@ -18,8 +31,6 @@ def pytest_collection_modifyitems(config, items):
     reason) without one."""
     if torch.cuda.is_available():
         return
-    import pytest
-
     skip = pytest.mark.skip(reason="marked gpu: needs a CUDA device (real shapes, native Triton, CUDA graphs)")
     for item in items:
         if item.get_closest_marker("gpu") is not None:

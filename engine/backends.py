@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from engine.checkpoint import Checkpoint
+from engine.checkpoint import Checkpoint, CheckpointError
 from engine.config import DTYPES
 from engine.generate import Runner
 from engine.graphs import StepGraphs, default_buckets
@@ -54,8 +54,13 @@ PRECISIONS = ("auto", *DTYPES)
 # Runtime is 2-3x faster than eager; torch.compile wins only at batch 2, recompiles for every
 # new batch shape and takes 15-130 s to compile here. ONNX Runtime needs an export and its
 # verification first (1-2 s for tiny, ~10 s for cifar10-compact), repaid after a few hundred
-# image-steps, so `auto` on the CPU is ONNX Runtime for runs of at least ONNX_MIN_IMAGE_STEPS
-# (images x steps) when onnxruntime is installed, and eager otherwise.
+# image-steps; the exported graph is cached by the model's content hash, so only the first run
+# pays. The bundled model (cifar10-cpu), 2026-11-29, same run, machine under load (median ms per
+# step, U-Net batch 16 / 32 / 64 / 128 / 256): eager 144 / 260 / 408-498 / 1050-1312 / 2520,
+# ONNX Runtime 118 / 208 / 394-410 / 748-767 / 1452: ONNX Runtime 1.2-1.7x faster from U-Net
+# batch 128 on, and its cost per image still falls with the batch (eager's rises past 64).
+# So `auto` on the CPU is ONNX Runtime when onnxruntime is installed and the model's graph is
+# cached or the run has at least ONNX_MIN_IMAGE_STEPS (images x steps); eager otherwise.
 ONNX_MIN_IMAGE_STEPS = 500
 
 
@@ -92,15 +97,17 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
-def resolve_backend(name: str, device: torch.device, image_steps: int | None = None) -> str:
-    """auto: fused on CUDA; on the CPU ONNX Runtime for long runs, else eager (see above)."""
+def resolve_backend(name: str, device: torch.device, image_steps: int | None = None, onnx_cached: bool = False) -> str:
+    """auto: fused on CUDA; on the CPU ONNX Runtime when its graph of this model is cached or the run
+    is long enough to pay for exporting it, else eager (see above)."""
     if name not in BACKENDS:
         raise BackendError(f"unknown backend {name!r}; use {', '.join(BACKENDS)}")
     if name != "auto":
         return name
     if device.type == "cuda":
         return "fused"
-    if image_steps is not None and image_steps >= ONNX_MIN_IMAGE_STEPS and onnxruntime_installed():
+    long_run = image_steps is not None and image_steps >= ONNX_MIN_IMAGE_STEPS
+    if (onnx_cached or long_run) and onnxruntime_installed():
         return "onnx"
     return "eager"
 
@@ -139,7 +146,8 @@ def eps_model(ckpt: Checkpoint, name: str, device: torch.device, precision: str,
             raise BackendError(f"this checkpoint is a {ckpt.runtime} export: use --backend {ckpt.runtime} (or auto), "
                                f"or pass the .safetensors checkpoint for --backend {name}")
         return f"{ckpt.runtime}-{ckpt.precision}", ckpt.model, None
-    name = resolve_backend(name, device, image_steps)
+    cached = name == "auto" and device.type == "cpu" and onnxruntime_installed() and onnx_is_cached(ckpt)
+    name = resolve_backend(name, device, image_steps, cached)
     precision = resolve_precision(precision, device)
     dtype = DTYPES[precision]
     match name:
@@ -171,14 +179,30 @@ def eps_model(ckpt: Checkpoint, name: str, device: torch.device, precision: str,
 
 
 def onnx_from_checkpoint(ckpt: Checkpoint, device: torch.device, fp16: bool = False):
-    """Export the checkpoint to a temporary verified .onnx file and open it in ONNX Runtime."""
+    """The checkpoint as a verified ONNX graph in ONNX Runtime: from the cache of exported graphs
+    (engine.runtimes.onnx_export.cached_onnx), exported into it on first use; through a temporary
+    folder when the cache cannot be written."""
     from engine.runtimes.onnx import load_onnx
-    from engine.runtimes.onnx_export import ExportError, export_onnx
+    from engine.runtimes.onnx_export import ExportError, cached_onnx, export_onnx
 
-    with tempfile.TemporaryDirectory(prefix="ddpm-onnx-") as folder:
-        path = Path(folder) / "model.onnx"
+    try:
         try:
-            export_onnx(ckpt, path, fp16=fp16)
-        except ExportError as e:
-            raise BackendError(f"--backend onnx: {e}") from None
-        return load_onnx(path, device).model  # the session holds the graph in memory
+            path = cached_onnx(ckpt, fp16)
+        except OSError:  # an unwritable cache: export for this run only
+            with tempfile.TemporaryDirectory(prefix="ddpm-onnx-") as folder:
+                path = Path(folder) / "model.onnx"
+                export_onnx(ckpt, path, fp16=fp16)
+                return load_onnx(path, device).model  # the session holds the graph in memory
+    except ExportError as e:
+        raise BackendError(f"--backend onnx: {e}") from None
+    try:
+        return load_onnx(path, device).model
+    except CheckpointError:  # a damaged cache entry: export it again
+        path.unlink(missing_ok=True)
+        return load_onnx(cached_onnx(ckpt, fp16), device).model
+
+
+def onnx_is_cached(ckpt: Checkpoint) -> bool:
+    from engine.runtimes.onnx_export import cached_onnx
+
+    return cached_onnx(ckpt, fp16=False, export=False) is not None

@@ -590,7 +590,7 @@ def evaluate_fid(ema: UNet, mc: ModelConfig, diffusion: DiffusionConfig, config:
 
     def batches():
         for indices in torch.arange(config.fid_samples).split(FID_CHUNK):
-            images, _ = generate(runner, indices, classes, seed=config.seed, batch_size=default_batch_size(device),
+            images, _ = generate(runner, indices, classes, seed=config.seed, batch_size=default_batch_size(runner),
                                  progress=False)
             yield images
 
@@ -609,7 +609,8 @@ def grid_is_cheap(steps_trained: int, config: TrainConfig, mc: ModelConfig) -> b
 def save_samples(path: Path, ema: UNet, mc: ModelConfig, diffusion: DiffusionConfig, config: TrainConfig,
                  device: torch.device) -> None:
     classes = list(range(mc.num_classes))
-    images, labels = generate(training_runner(ema, diffusion, config, device), torch.arange(SAMPLES_PER_CLASS * len(classes)),
-                              classes, seed=0, batch_size=default_batch_size(device), progress=False)
+    runner = training_runner(ema, diffusion, config, device)
+    images, labels = generate(runner, torch.arange(SAMPLES_PER_CLASS * len(classes)), classes, seed=0,
+                              batch_size=default_batch_size(runner), progress=False)
     picture = Image.fromarray(grid(class_rows(images, labels, classes)))
     atomic_write(path, lambda tmp: picture.save(tmp, format="PNG"))

@@ -29,6 +29,7 @@ checks the graph and its fp16 weights, and the fp16 arithmetic itself is tested 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import os
@@ -223,3 +224,34 @@ def export_onnx(ckpt: Checkpoint, out: str | os.PathLike, fp16: bool = False,
 
     atomic_write(out, write)
     return result
+
+
+def cache_folder() -> Path:
+    """Where exported graphs are kept between runs: $DDPM_ENGINE_CACHE, else $XDG_CACHE_HOME/ddpm-engine,
+    else ~/.cache/ddpm-engine; graphs go in its onnx/ folder."""
+    if os.environ.get("DDPM_ENGINE_CACHE"):
+        return Path(os.environ["DDPM_ENGINE_CACHE"]) / "onnx"
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "ddpm-engine" / "onnx"
+
+
+def content_key(ckpt: Checkpoint, fp16: bool, opset: int = DEFAULT_OPSET) -> str:
+    """sha256 of what the exported graph depends on: the weights (as float32), the configs, the
+    class names, the precision, the opset and the versions of torch and this exporter."""
+    digest = hashlib.sha256(json.dumps([metadata_props(ckpt, fp16), opset, torch.__version__]).encode())
+    for name, tensor in sorted(ckpt.model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+def cached_onnx(ckpt: Checkpoint, fp16: bool = False, export: bool = True) -> Path | None:
+    """The verified ONNX graph of `ckpt` from the cache, exported (and verified) into it first
+    when missing and `export` is set; None when missing and not `export`. Only the first run of
+    a checkpoint pays for export and verification."""
+    path = cache_folder() / f"{content_key(ckpt, fp16)}{'-fp16' if fp16 else ''}.onnx"
+    if path.is_file() or not export:
+        return path if path.is_file() else None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    export_onnx(ckpt, path, fp16=fp16)
+    return path

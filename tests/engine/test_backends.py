@@ -138,3 +138,42 @@ def test_eager_bf16_keeps_float32_islands():
     assert model.unet.norm_out.weight.dtype == torch.float32 and model.unet.conv_out.weight.dtype == torch.bfloat16
     x = torch.randn(1, 3, 32, 32)
     assert model(x, torch.tensor([3]), torch.tensor([1])).dtype == torch.float32
+
+
+def test_onnx_graphs_are_cached_by_content(checkpoint, tmp_path, monkeypatch, capsys):
+    """The first onnx run exports and verifies; the next run of the same weights loads the cached
+    graph (export is not called again) and auto picks it even for a short run; other weights
+    get their own entry."""
+    pytest.importorskip("onnxruntime")
+    from engine.runtimes import onnx_export
+
+    monkeypatch.setenv("DDPM_ENGINE_CACHE", str(tmp_path / "cache"))
+    exports = []
+    real_export = onnx_export.export_onnx
+    monkeypatch.setattr(onnx_export, "export_onnx", lambda *a, **k: (exports.append(1), real_export(*a, **k))[1])
+    first = sample(checkpoint, tmp_path / "a", "--backend", "onnx", runs="onnx-fp32", capsys=capsys)
+    assert len(exports) == 1 and len(list((tmp_path / "cache" / "onnx").iterdir())) == 1
+    again = sample(checkpoint, tmp_path / "b", "--backend", "auto", runs="onnx-fp32", capsys=capsys)  # 4 image-steps
+    assert len(exports) == 1 and np.array_equal(first, again)
+
+    ckpt = load_checkpoint(checkpoint)
+    with torch.no_grad():
+        ckpt.model.conv_out.bias.add_(0.01)
+    other = tmp_path / "other.safetensors"
+    save_checkpoint(other, ckpt.model, ckpt.diffusion, ckpt.class_names)
+    sample(other, tmp_path / "c", "--backend", "eager")  # short, not cached: auto would be eager too
+    assert not onnx_export.cached_onnx(load_checkpoint(other), export=False)
+    sample(other, tmp_path / "d", "--backend", "onnx")
+    assert len(exports) == 2 and len(list((tmp_path / "cache" / "onnx").iterdir())) == 2
+
+
+def test_a_damaged_cache_entry_is_exported_again(checkpoint, tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    from engine.runtimes import onnx_export
+
+    monkeypatch.setenv("DDPM_ENGINE_CACHE", str(tmp_path / "cache"))
+    path = onnx_export.cached_onnx(load_checkpoint(checkpoint))
+    path.write_bytes(b"junk")
+    reference = sample(checkpoint, tmp_path / "eager", "--backend", "eager")
+    assert np.abs(sample(checkpoint, tmp_path / "onnx", "--backend", "onnx") - reference).max() <= 1
+    assert path.read_bytes()[:4] != b"junk"
