@@ -158,7 +158,7 @@ def _selected(names: list[str], path: Path, split: str | None) -> tuple[list[str
 def _npz(path: Path, split: str | None, limit: int | None) -> ImageSource:
     if split is not None:
         raise DataError(f"{path}: --split applies to data sets with train/test folders, not to a samples.npz")
-    header = _npz_header(path, "x")
+    header = npz_header(path, "x")
     if header is None or header[1] != np.uint8 or len(header[0]) != 4 or header[0][-1] != 3 or header[0][0] == 0:
         got = "no key 'x'" if header is None else f"x: {header[1]} {header[0]}"
         raise DataError(f"{path}: expected x = uint8 N x H x W x 3 images as `ddpm-engine sample` writes ({got})")
@@ -177,7 +177,7 @@ def _npz(path: Path, split: str | None, limit: int | None) -> ImageSource:
     return ImageSource(path, describe(path, None, len(x), total), len(x), read)
 
 
-def _npz_header(path: Path, key: str) -> tuple[tuple[int, ...], np.dtype] | None:
+def npz_header(path: Path, key: str) -> tuple[tuple[int, ...], np.dtype] | None:
     """(shape, dtype) of array `key` of a .npz, from its .npy header alone (None if absent), refused
     unless the data the header claims is what the archive holds: numpy allocates the whole array
     before reading it, so a crafted header could ask for terabytes."""

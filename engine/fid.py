@@ -33,7 +33,7 @@ import torch
 from tqdm import tqdm
 
 from engine.checkpoint import atomic_write
-from engine.datasets import ImageSource
+from engine.datasets import DataError, ImageSource, npz_header
 
 INCEPTION_ENV = "DDPM_INCEPTION"
 PREPROCESSING = "tf1-legacy-bilinear-299"  # the name fid.json and the statistics carry
@@ -325,8 +325,12 @@ def load_stats(path: Path) -> Stats:
     if not path.is_file():
         raise FidError(f"statistics file {path} not found")
     try:
+        for key in ("mu", "sigma"):  # numpy would allocate what a crafted header claims before reading
+            npz_header(path, key)
         with np.load(path, allow_pickle=False) as data:
             fields = {key: data[key] for key in data.files}
+    except DataError as e:
+        raise FidError(f"{path} is not an .npz of FID statistics ({str(e).split(': ')[-1][:100]})") from None
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
         raise FidError(f"{path} is not an .npz of FID statistics ({e})") from None
     mu, sigma = fields.get("mu"), fields.get("sigma")

@@ -24,7 +24,7 @@ Every export is checked with onnx.checker and compared with PyTorch on random in
 
 def opset(text: str) -> int:
     if not text.isdigit() or int(text) not in OPSETS:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a supported opset ({OPSETS.start}..{OPSETS.stop - 1})")
+        raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a supported opset ({OPSETS.start}..{OPSETS.stop - 1})")
     return int(text)
 
 

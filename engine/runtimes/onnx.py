@@ -106,6 +106,11 @@ def load_onnx(path: str | os.PathLike, device: str | torch.device = "cpu") -> Ch
     inputs = tuple(i.name for i in session.get_inputs())
     if inputs != INPUT_NAMES or [o.name for o in session.get_outputs()] != [OUTPUT_NAME]:
         raise CheckpointError(f"{path}: graph has inputs {inputs}, expected {INPUT_NAMES} -> {OUTPUT_NAME}")
+    image = [config.in_channels, config.image_size, config.image_size]
+    x_shape = session.get_inputs()[0].shape  # [batch, C, H, W]; a dynamic dimension is a name
+    if len(x_shape) != 4 or [d if isinstance(d, int) else None for d in x_shape[1:]] != image:
+        raise CheckpointError(f"{path}: the graph takes x of shape {x_shape}, but its config says (batch, "
+                              f"{', '.join(map(str, image))})")
     precision = metadata.get("precision", "fp32")
     return Checkpoint(OnnxEpsilonModel(session, config, device, precision), diffusion, class_names,
                       runtime="onnx", precision=precision)
