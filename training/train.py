@@ -40,7 +40,7 @@ from engine.diffusion import eps_loss
 from engine.distributed import World
 from engine.generate import Runner, default_batch_size, generate
 from engine.images import check_writable, class_rows, grid
-from engine.model import UNet
+from engine.model import UNet, swap_modules
 from engine.sampler import SampleSettings
 from training.data import DATASETS, Dataset, load_dataset
 from training.state import STATE_FILE, StateError, load_state, read_train_config, save_state
@@ -184,10 +184,7 @@ class GlobalBatchDropout(nn.Module):
 
 
 def use_global_batch_dropout(model: nn.Module, rank: int, world_size: int) -> None:
-    for module in list(model.modules()):
-        for name, child in module.named_children():
-            if isinstance(child, nn.Dropout):
-                setattr(module, name, GlobalBatchDropout(child.p, rank, world_size))
+    swap_modules(model, {nn.Dropout: lambda dropout: GlobalBatchDropout(dropout.p, rank, world_size)})
 
 
 # ---- processes and devices -------------------------------------------------------------
