@@ -5,6 +5,7 @@ turns an expected failure into one `PROG: error: ...` line and a non-zero exit."
 from __future__ import annotations
 
 import argparse
+import importlib
 import math
 import sys
 from contextlib import contextmanager
@@ -98,3 +99,14 @@ positive_float = float_range(0.0, lo_open=True)
 unit_float = float_range(0.0, 1.0)
 below_one = float_range(0.0, 1.0, hi_open=True)
 at_least_one = float_range(1.0)
+
+
+def console_main(prog: str, module: str) -> int:
+    """What a console script runs: import the command's module (torch and all, seconds), then its
+    main(); Ctrl-C during that start-up is one line and exit 130, like Ctrl-C during the command."""
+    try:
+        command = importlib.import_module(module)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    return command.main()

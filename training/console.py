@@ -1,0 +1,7 @@
+"""The `ddpm-train` console script: training.cli's main(), with Ctrl-C during start-up handled (engine.clitools.console_main)."""
+
+from engine.clitools import console_main
+
+
+def main() -> int:
+    return console_main("ddpm-train", "training.cli")
