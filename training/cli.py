@@ -117,14 +117,16 @@ def build_parser() -> Parser:
                         help=f"steps between sample grids, 0 for none (default: {d['sample_every']}; and at "
                              f"the end, unless that grid would cost over a tenth of the run's training)")
     output.add_argument("--sample-steps", **field("sample_steps"),
-                        help=f"DDIM steps of the sample grids (default: {d['sample_steps']})")
+                        help=f"steps of the sample grids and FID evaluations (default: {d['sample_steps']})")
+    output.add_argument("--sample-sampler", choices=CHOICES["sample_sampler"], default=None,
+                        help=f"their deterministic sampler (default: {d['sample_sampler']})")
     output.add_argument("--log-every", **field("log_every"),
                         help=f"steps between log.csv rows (default: {d['log_every']})")
     output.add_argument("--fid-every", **field("fid_every"),
                         help="steps between FID evaluations of the EMA model, logged in log.csv's fid column "
                              "(default: 0, none; needs --fid-ref and the eval extra)")
     output.add_argument("--fid-samples", **field("fid_samples"),
-                        help=f"images per FID evaluation, class-balanced, DDIM --sample-steps, w = 1.8 "
+                        help=f"images per FID evaluation, class-balanced, --sample-sampler for --sample-steps, w = 1.8 "
                              f"(default: {d['fid_samples']})")
     output.add_argument("--fid-ref", type=Path, default=None,
                         help="reference statistics for --fid-every, from ddpm-engine fid-ref")

@@ -74,7 +74,8 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 1000
     sample_every: int = 5000            # 0: no sample grids
-    sample_steps: int = 20              # DDIM steps of the sample grids
+    sample_steps: int = 20              # steps of the sample grids and FID evaluations
+    sample_sampler: str = "ddim"        # their sampler: "ddim" or "dpm++2m"
     log_every: int = 10
     fid_every: int = 0                  # steps between FID evaluations of the EMA model, 0 for none
     fid_samples: int = 1000             # images sampled (class-balanced, the run's seed) per evaluation
@@ -94,7 +95,7 @@ HYPERPARAMETERS = ("preset", "dataset", "batch_size", "lr", "warmup_multiplier",
 # is, and how the run checkpoints, logs, samples and scores. Not kept: the length (kept unless
 # --steps/--epochs is given), --device, --compile, --time-limit and the progress bar, which
 # belong to one invocation.
-KEPT_ON_RESUME = HYPERPARAMETERS + ("data_dir", "checkpoint_every", "log_every", "sample_every", "sample_steps",
+KEPT_ON_RESUME = HYPERPARAMETERS + ("data_dir", "checkpoint_every", "log_every", "sample_every", "sample_steps", "sample_sampler",
                                     "fid_every", "fid_samples", "fid_ref", "precision")
 
 # The one definition of each numeric field's type and range: ddpm-train parses its flags with
@@ -108,7 +109,7 @@ FIELD_TYPES = {
     "log_every": int_range(1), "fid_every": int_range(0), "fid_samples": int_range(2), "time_limit": positive_float,
 }
 CHOICES = {"preset": tuple(PRESETS), "dataset": DATASETS, "lr_schedule": ("constant", "cosine"),
-           "precision": ("auto", "fp32", "bf16")}
+           "precision": ("auto", "fp32", "bf16"), "sample_sampler": ("ddim", "dpm++2m")}
 OPTIONAL = ("steps", "epochs", "warmup_epochs", "dropout", "min_snr_gamma", "time_limit", "data_dir", "init_from",
             "fid_ref")
 
@@ -568,9 +569,9 @@ def open_log(path: Path, start_step: int):
 
 
 def training_runner(ema: UNet, diffusion: DiffusionConfig, config: TrainConfig, device: torch.device) -> Runner:
-    """What the grids and the FID evaluations sample with: the eager EMA model, DDIM --sample-steps
+    """What the grids and the FID evaluations sample with: the eager EMA model, --sample-sampler for --sample-steps
     and the sampler's default guidance."""
-    settings = SampleSettings(sampler="ddim", steps=min(config.sample_steps, diffusion.num_timesteps))
+    settings = SampleSettings(sampler=config.sample_sampler, steps=min(config.sample_steps, diffusion.num_timesteps))
     return build_runner(Checkpoint(ema, diffusion, ()), settings, "eager", device, "fp32")
 
 
@@ -580,7 +581,7 @@ FID_CHUNK = 256  # images sampled, then featurised, at a time in an FID evaluati
 @torch.no_grad()
 def evaluate_fid(ema: UNet, mc: ModelConfig, diffusion: DiffusionConfig, config: TrainConfig, device: torch.device,
                  network: fid.InceptionNetwork, reference: fid.Stats) -> float:
-    """FID of config.fid_samples images of the EMA model (DDIM --sample-steps, the grids' guidance,
+    """FID of config.fid_samples images of the EMA model (the grids' sampler, steps and guidance,
     class i % num_classes for image i, the run's seed) against the reference statistics."""
     classes = list(range(mc.num_classes))
     runner = training_runner(ema, diffusion, config, device)
@@ -597,7 +598,7 @@ def evaluate_fid(ema: UNet, mc: ModelConfig, diffusion: DiffusionConfig, config:
 
 def grid_is_cheap(steps_trained: int, config: TrainConfig, mc: ModelConfig) -> bool:
     """Whether a sample grid costs at most GRID_BUDGET of `steps_trained` training steps, counting
-    U-Net forwards: 2 per grid image and DDIM step (guidance), about 3 per training image."""
+    U-Net forwards: 2 per grid image and sampling step (guidance), about 3 per training image."""
     grid_forwards = 2 * SAMPLES_PER_CLASS * mc.num_classes * config.sample_steps
     return grid_forwards <= GRID_BUDGET * 3 * steps_trained * config.batch_size
 

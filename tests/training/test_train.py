@@ -304,3 +304,17 @@ def test_fid_every_logs_the_fid_of_the_ema_model(tmp_path, capsys):
     assert train_main(["--device", "cpu", "--preset", "tiny", "--dataset", "synthetic", "--steps", "1", "--fid-every", "1",
                        "--out", str(tmp_path / "no-ref"), "--no-progress"]) == 1
     assert "--fid-ref" in one_error_line(capsys)
+
+
+def test_grids_can_use_dpm_solver(tmp_path, capsys):
+    from engine.config import PRESETS, DiffusionConfig
+    from engine.model import UNet
+    from training.train import training_runner
+
+    config = make_config(tmp_path / "run", sample_sampler="dpm++2m", sample_steps=5)
+    runner = training_runner(UNet(PRESETS["tiny"]), DiffusionConfig(), config, torch.device("cpu"))
+    assert runner.plan.num_steps == 5 and runner.plan.coef_prev_x0.abs().sum() > 0  # the second-order term
+    with pytest.raises(SystemExit) as e:
+        train_main(["--device", "cpu", "--preset", "tiny", "--dataset", "synthetic", "--steps", "1",
+                    "--sample-sampler", "euler", "--out", str(tmp_path / "x")])
+    assert e.value.code == 2 and "invalid choice: 'euler'" in one_error_line(capsys)
