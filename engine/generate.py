@@ -52,9 +52,10 @@ def guided_eps(model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tens
     return (1 + guidance) * eps_cond - guidance * eps_uncond
 
 
-
 @dataclass
 class Runner:
+    """The reverse process over one batch: everything fixed for a run, built by engine.backends.build_runner."""
+
     name: str                          # what runs, e.g. "onnx-fp32" or "fused-bf16"
     model: Callable                    # eps(x, t, y): float32 in, float32 out
     plan: SamplerPlan                  # on the model's device
