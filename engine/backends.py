@@ -55,10 +55,10 @@ PRECISIONS = ("auto", *DTYPES)
 # new batch shape and takes 15-130 s to compile here. ONNX Runtime needs an export and its
 # verification first (1-2 s for tiny, ~10 s for cifar10-compact), repaid after a few hundred
 # image-steps; the exported graph is cached by the model's content hash, so only the first run
-# pays. The bundled model (cifar10-cpu), 2026-11-29, same run, machine under load (median ms per
-# step, U-Net batch 16 / 32 / 64 / 128 / 256): eager 144 / 260 / 408-498 / 1050-1312 / 2520,
-# ONNX Runtime 118 / 208 / 394-410 / 748-767 / 1452: ONNX Runtime 1.2-1.7x faster from U-Net
-# batch 128 on, and its cost per image still falls with the batch (eager's rises past 64).
+# pays. The bundled model (cifar10-cpu), 2026-11-29, idle machine, same run (bench_sample.py,
+# benchmarks/results/2026-11-29-cpu-sample.md; median ms per guided step at U-Net batch 64 / 128 /
+# 256): eager 411 / 1051 / 2462 (61 / 48 / 41 % of the fp32 matmul ceiling), ONNX Runtime 293 / 621 /
+# 1449 (85 / 81 / 69 %): ONNX Runtime is 1.4-1.7x faster, and both are cheapest per image at 64.
 # So `auto` on the CPU is ONNX Runtime when onnxruntime is installed and the model's graph is
 # cached or the run has at least ONNX_MIN_IMAGE_STEPS (images x steps); eager otherwise.
 ONNX_MIN_IMAGE_STEPS = 500

@@ -105,8 +105,8 @@ def build_parser() -> Parser:
                         help=f"timestep spacing when steps < T (default: {SAMPLE.spacing})")
     sample.add_argument("--clip-x0", action="store_true", help="clip the predicted x_0 to [-1, 1] at each step")
     sample.add_argument("--batch-size", type=int_range(1), default=None,
-                        help="images per model call (default: 256 on a GPU; on the CPU 64 with ONNX Runtime, 32 "
-                             f"otherwise, where larger batches cost more per image; at most {SHARD_IMAGES})")
+                        help="images per model call (default: 256 on a GPU, 32 on the CPU, where larger batches "
+                             f"cost more per image; at most {SHARD_IMAGES})")
     sample.add_argument("--out", type=Path, default=Path("samples"), help="output folder (default: ./samples)")
 
     interp = commands.add_parser("interpolate", help="interpolate between pairs of samples (lerp and slerp)",

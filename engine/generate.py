@@ -104,12 +104,11 @@ class Runner:
 
 
 def default_batch_size(runner: Runner) -> int:
-    """Images a sampling call: 256 on a GPU; on the CPU the batch where the cost per image is lowest on
-    our 2-core machine (see engine.backends): 64 for ONNX Runtime (a U-Net batch of 128 under
-    guidance), 32 for the PyTorch backends, whose cost per image rises past a U-Net batch of 64."""
-    if runner.device.type != "cpu":
-        return 256
-    return 64 if runner.name.startswith("onnx") else 32
+    """Images a sampling call: 256 on a GPU, 32 on the CPU (a U-Net batch of 64 under guidance), where
+    both eager and ONNX Runtime have their lowest cost per image on our 2-core machine (the bundled
+    model, idle machine, benchmarks/results/2026-11-29-cpu-sample.md: ms per image and U-Net call at
+    U-Net batch 64 / 128 / 256: ONNX Runtime 4.6 / 4.9 / 5.7, eager 6.4 / 8.2 / 9.6)."""
+    return 256 if runner.device.type != "cpu" else 32
 
 
 def labels_for(indices: torch.Tensor, classes: list[int]) -> torch.Tensor:

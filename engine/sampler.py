@@ -57,7 +57,7 @@ DPM_STEPS = 20   # DPM-Solver++(2M)'s: its paper's guided samples converge in 15
 class SampleSettings:
     """A sampler and its settings. The defaults here are every tool's defaults."""
 
-    sampler: str = "ddim"           # "ddpm" (ancestral), "ddim" or "dpm++2m"
+    sampler: str = "dpm++2m"        # "ddpm" (ancestral), "ddim" or "dpm++2m" (the default: measured in the README)
     steps: int | None = None        # None: all T steps for DDPM, DDIM_STEPS for DDIM, DPM_STEPS for DPM-Solver++
     eta: float = 0.0                # DDIM only: 0 deterministic, 1 DDPM-like noise
     variance: str = "large"         # DDPM only: "large" (sigma^2 = beta) or "small" (posterior)

