@@ -344,7 +344,7 @@ def prepare(config: TrainConfig, procs: World) -> Run:
     model_config = dataclasses.replace(preset, num_classes=dataset.num_classes, dropout=config.dropout)
     if saved is not None:
         check_resume(config, with_defaults(saved.train_config), saved.step, len(dataset), procs.is_main)
-        if saved.model_config != model_config.to_json():
+        if ModelConfig.from_json(saved.model_config) != model_config:  # fields added since: their defaults
             raise StateError(f"{state_path} was trained with a different model or dataset ({saved.model_config[:200]})")
         if saved.step > total:
             raise StateError(f"{state_path} is at step {saved.step}, past --steps {total}")

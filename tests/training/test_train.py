@@ -318,3 +318,24 @@ def test_grids_can_use_dpm_solver(tmp_path, capsys):
         train_main(["--device", "cpu", "--preset", "tiny", "--dataset", "synthetic", "--steps", "1",
                     "--sample-sampler", "euler", "--out", str(tmp_path / "x")])
     assert e.value.code == 2 and "invalid choice: 'euler'" in one_error_line(capsys)
+
+
+def test_a_run_saved_before_new_model_fields_resumes(tmp_path):
+    """A state file whose model config predates fields added later (they take their defaults) resumes."""
+    import json
+
+    from safetensors.torch import save_file
+
+    out = tmp_path / "run"
+    train(make_config(out, steps=2, warmup_epochs=0.001))
+    path = out / "state.safetensors"
+    tensors = load_file(path)
+    with open(path, "rb") as f:
+        metadata = json.loads(f.read(int.from_bytes(f.read(8), "little")))["__metadata__"]
+    old = json.loads(metadata["model_config"])
+    for added in ("downsample_padding", "norm_eps", "learned_null"):
+        old.pop(added)
+    metadata["model_config"] = json.dumps(old)
+    save_file(tensors, path, metadata=metadata)
+    train(make_config(out, steps=3, warmup_epochs=0.001, resume=True))
+    assert load_state(path).step == 3
