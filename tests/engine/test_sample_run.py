@@ -4,24 +4,11 @@ continued by the same command, another run's leftovers refused."""
 import tracemalloc
 
 import numpy as np
-import pytest
-import torch
 
 import engine.cli
-from engine.checkpoint import save_checkpoint
 from engine.cli import main
-from engine.config import PRESETS, DiffusionConfig
 from engine.images import SampleRun
-from engine.model import UNet
-from tests.engine.test_cli import NAMES
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
-    save_checkpoint(path, UNet(PRESETS["tiny"]), DiffusionConfig(num_timesteps=20), NAMES)
-    return path
+from tests.engine.test_cli import checkpoint  # noqa: F401  (the tiny checkpoint fixture)
 
 
 def sample(checkpoint, out, *extra):
