@@ -146,8 +146,9 @@ def eps_model(ckpt: Checkpoint, name: str, device: torch.device, precision: str,
             raise BackendError(f"this checkpoint is a {ckpt.runtime} export: use --backend {ckpt.runtime} (or auto), "
                                f"or pass the .safetensors checkpoint for --backend {name}")
         return f"{ckpt.runtime}-{ckpt.precision}", ckpt.model, None
-    cached = name == "auto" and device.type == "cpu" and onnxruntime_installed() and onnx_is_cached(ckpt)
-    name = resolve_backend(name, device, image_steps, cached)
+    # auto on the CPU: a cached fp32 graph decides for ONNX Runtime, and is what it then loads (one hash of the weights).
+    cached = cached_graph(ckpt) if name == "auto" and device.type == "cpu" and onnxruntime_installed() else None
+    name = resolve_backend(name, device, image_steps, cached is not None)
     precision = resolve_precision(precision, device)
     dtype = DTYPES[precision]
     match name:
@@ -171,23 +172,24 @@ def eps_model(ckpt: Checkpoint, name: str, device: torch.device, precision: str,
             return f"fused-{precision}", fuse(ckpt.model, dtype), step_graphs
         case "onnx":
             return (f"onnx-{'fp16' if precision == 'fp16' else 'fp32'}",
-                    onnx_from_checkpoint(ckpt, device, fp16=precision == "fp16"), None)
+                    onnx_from_checkpoint(ckpt, device, fp16=precision == "fp16",
+                                         cached=cached if precision != "fp16" else None), None)
         case "tensorrt":
             raise BackendError("--backend tensorrt runs a .plan file: build one with ddpm-export --tensorrt, "
                                "then pass it as --checkpoint")
     raise AssertionError(name)
 
 
-def onnx_from_checkpoint(ckpt: Checkpoint, device: torch.device, fp16: bool = False):
+def onnx_from_checkpoint(ckpt: Checkpoint, device: torch.device, fp16: bool = False, cached: Path | None = None):
     """The checkpoint as a verified ONNX graph in ONNX Runtime: from the cache of exported graphs
-    (engine.runtimes.onnx_export.cached_onnx), exported into it on first use; through a temporary
-    folder when the cache cannot be written."""
+    (engine.runtimes.onnx_export.cached_onnx; `cached`: its entry, already looked up), exported into
+    it on first use; through a temporary folder when the cache cannot be written."""
     from engine.runtimes.onnx import load_onnx
     from engine.runtimes.onnx_export import ExportError, cached_onnx, export_onnx
 
     try:
         try:
-            path = cached_onnx(ckpt, fp16)
+            path = cached or cached_onnx(ckpt, fp16)
         except OSError:  # an unwritable cache: export for this run only
             with tempfile.TemporaryDirectory(prefix="ddpm-onnx-") as folder:
                 path = Path(folder) / "model.onnx"
@@ -202,7 +204,8 @@ def onnx_from_checkpoint(ckpt: Checkpoint, device: torch.device, fp16: bool = Fa
         return load_onnx(cached_onnx(ckpt, fp16), device).model
 
 
-def onnx_is_cached(ckpt: Checkpoint) -> bool:
+def cached_graph(ckpt: Checkpoint) -> Path | None:
+    """The cached fp32 ONNX graph of the checkpoint's weights, or None."""
     from engine.runtimes.onnx_export import cached_onnx
 
-    return cached_onnx(ckpt, fp16=False, export=False) is not None
+    return cached_onnx(ckpt, fp16=False, export=False)
