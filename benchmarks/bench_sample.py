@@ -124,17 +124,19 @@ def test_bundled_default_sample(record, tmp_path):
 
 
 @pytest.mark.skipif(**heavy)
-@pytest.mark.parametrize("sampler, steps, backend", [
-    ("ddim", 50, "eager"), ("ddim", 50, "onnx"), ("dpm++2m", 20, "eager"), ("dpm++2m", 20, "onnx"),
-    ("dpm++2m", 10, "onnx"),
+@pytest.mark.parametrize("sampler, steps, backend, precision", [
+    ("ddim", 50, "eager", "fp32"), ("ddim", 50, "onnx", "fp32"), ("dpm++2m", 20, "eager", "fp32"),
+    ("dpm++2m", 20, "onnx", "fp32"), ("dpm++2m", 20, "eager", "bf16"), ("dpm++2m", 15, "onnx", "fp32"),
+    ("dpm++2m", 10, "onnx", "fp32"),
 ], ids=lambda v: str(v))
-def test_bundled_sample_100(record, tmp_path, sampler, steps, backend):
-    """`ddpm-engine sample -n 100` of the bundled model per sampler and runtime, side by side (the
-    fast-sampling issue's goal: the default at most 1/3 of the wall time of DDIM-50 on eager). The
-    ONNX graph is exported into the cache before timing (what every run after a model's first sees)."""
+def test_bundled_sample_100(record, tmp_path, sampler, steps, backend, precision):
+    """`ddpm-engine sample -n 100` of the bundled model per sampler, runtime and precision, side by
+    side (the fast-sampling issue's goal: the default at most 1/3 of the wall time of DDIM-50 on
+    eager fp32). The ONNX graph is exported into the cache before timing (what every run after a
+    model's first sees)."""
     if backend == "onnx":
         run_sample_cli(tmp_path / "warm", "-n", "1", "--steps", "1", "--backend", "onnx")
     seconds, runs = run_sample_cli(tmp_path / "samples", "-n", "100", "--sampler", sampler, "--steps", str(steps),
-                                   "--backend", backend)
+                                   "--backend", backend, "--precision", precision)
     record(what="sample-cli", backend=runs, batch=100, timing=once(seconds), preset="cifar10-cpu", sampler=sampler,
            steps=steps, device=str(DEVICE), wall_s=round(seconds, 1))

@@ -135,7 +135,8 @@ def build_parser() -> Parser:
                              "with --resume); the schedule still spans --steps/--epochs")
     output.add_argument("--device", default=None, help="auto, cpu or cuda[:k] (default: auto)")
     output.add_argument("--precision", choices=CHOICES["precision"], default=None,
-                        help="bf16 autocast (+ channels_last on CUDA) or fp32 (default: auto = bf16 on CUDA)")
+                        help="bf16 autocast (+ channels_last on CUDA) or fp32 (default: auto = bf16 on CUDA and on "
+                             "CPUs with bf16 instructions, else fp32)")
     output.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA: faster after warm-up)")
     output.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser

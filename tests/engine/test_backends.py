@@ -177,3 +177,10 @@ def test_a_damaged_cache_entry_is_exported_again(checkpoint, tmp_path, monkeypat
     reference = sample(checkpoint, tmp_path / "eager", "--backend", "eager")
     assert np.abs(sample(checkpoint, tmp_path / "onnx", "--backend", "onnx") - reference).max() <= 1
     assert path.read_bytes()[:4] != b"junk"
+
+
+def test_native_bf16_follows_the_cpu_flags(monkeypatch):
+    for avx512_bf16, amx, expected in [(False, False, False), (True, False, True), (False, True, True)]:
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+        assert backends.native_cpu_bf16() is expected

@@ -141,7 +141,7 @@ def test_sample_settings_resolve_their_steps():
     assert SampleSettings(sampler="ddpm").num_steps(100) == 100
     assert SampleSettings(sampler="ddim").num_steps(100) == 50
     assert SampleSettings(sampler="ddim").num_steps(20) == 20  # a model with T < 50
-    assert SampleSettings(sampler="dpm++2m").num_steps(1000) == 20
+    assert SampleSettings(sampler="dpm++2m").num_steps(1000) == 15
     assert SampleSettings(sampler="ddim", steps=7).plan(diffusion).num_steps == 7
     with pytest.raises(ValueError, match="exceeds the model's T = 100"):
         SampleSettings(steps=101).plan(diffusion)

@@ -20,6 +20,7 @@ from engine.cli import main as engine_main
 from training.cli import main as train_main
 from training.data import make_synthetic
 from training.state import load_state
+from training import train as train_module
 from training.train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,9 +28,11 @@ STEPS = 6
 
 
 def make_config(out, **changes) -> TrainConfig:
-    # dropout and label dropping on, so that every kind of randomness takes part.
+    # dropout and label dropping on, so that every kind of randomness takes part; fp32 on every CPU
+    # (auto would be bf16 on one with bf16 instructions).
     base = TrainConfig(preset="tiny", dataset="synthetic", out=str(out), steps=STEPS, batch_size=4, lr=1e-3,
-                       dropout=0.1, p_uncond=0.5, checkpoint_every=3, sample_every=0, log_every=1, progress=False, device="cpu")
+                       dropout=0.1, p_uncond=0.5, checkpoint_every=3, sample_every=0, log_every=1, progress=False,
+                       device="cpu", precision="fp32")
     return dataclasses.replace(base, **changes)
 
 
@@ -97,6 +100,21 @@ def test_resume_is_exact(straight, tmp_path):
     assert [r["loss"] for r in log_rows(out)] == [r["loss"] for r in log_rows(straight)]
 
 
+def test_bf16_autocast_on_the_cpu_trains_and_resumes_exactly(straight, tmp_path):
+    """What `auto` picks on a CPU with bf16 instructions (emulated, slower, elsewhere)."""
+    straight_bf16, out = tmp_path / "straight", tmp_path / "run"
+    train(make_config(straight_bf16, precision="bf16"))
+    with pytest.raises(Stop):
+        train(make_config(out, precision="bf16"), on_step=stop_at(STEPS // 2))
+    train(make_config(out, precision="bf16", resume=True))
+    a, b = weights(straight_bf16), weights(out)
+    assert all(torch.equal(a[name], b[name]) for name in a)
+    losses = [float(r["loss"]) for r in log_rows(out)]
+    assert losses == [float(r["loss"]) for r in log_rows(straight_bf16)] and all(map(math.isfinite, losses))
+    fp32_losses = [float(r["loss"]) for r in log_rows(straight)]
+    assert losses != fp32_losses and losses == pytest.approx(fp32_losses, rel=0.05)  # bf16 ran, and close to fp32
+
+
 def test_resume_drops_log_rows_after_the_checkpoint(straight, tmp_path):
     out = tmp_path / "run"
     with pytest.raises(Stop):
@@ -158,7 +176,8 @@ def test_two_processes_match_one(straight, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "training.cli", "--preset", "tiny", "--dataset", "synthetic", "--out", str(out),
            "--steps", str(STEPS), "--batch-size", "4", "--lr", "1e-3", "--dropout", "0.1", "--p-uncond", "0.5",
-           "--checkpoint-every", "3", "--sample-every", "0", "--log-every", "1", "--no-progress", "--device", "cpu"]
+           "--checkpoint-every", "3", "--sample-every", "0", "--log-every", "1", "--no-progress", "--device", "cpu",
+           "--precision", "fp32"]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
@@ -339,3 +358,13 @@ def test_a_run_saved_before_new_model_fields_resumes(tmp_path):
     save_file(tensors, path, metadata=metadata)
     train(make_config(out, steps=3, warmup_epochs=0.001, resume=True))
     assert load_state(path).step == 3
+
+
+def test_auto_precision_is_bf16_autocast_on_cuda_and_on_bf16_cpus(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for native in (False, True):
+        monkeypatch.setattr(train_module, "native_cpu_bf16", lambda: native)
+        assert train_module.autocast_bf16("auto", cpu) is native
+        assert train_module.autocast_bf16("auto", cuda) is True
+        assert train_module.autocast_bf16("fp32", cuda) is False and train_module.autocast_bf16("fp32", cpu) is False
+        assert train_module.autocast_bf16("bf16", cpu) is True

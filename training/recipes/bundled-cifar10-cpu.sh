@@ -14,7 +14,8 @@
 #
 # Settings (environment): MINUTES (default 120), RUN, DATA (the JPEG CIFAR-10 tarball), FID_EVERY
 # (steps between FID evaluations, 0 for none), THREADS (torch threads; default 2, the machine's
-# cores: use 1 while other work shares the machine, where 2 threads waste time waiting on each other).
+# cores: use 1 while other work shares the machine, where 2 threads waste time waiting on each other),
+# PRECISION (ddpm-train --precision; default auto: bf16 autocast where the CPU has bf16 instructions).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -61,7 +62,7 @@ fi
 recipe=(--preset "$PRESET" --dataset folder --data-dir runs/data/cifar10-jpeg/train --batch-size 32
         --lr 1e-3 --warmup-multiplier 1 --warmup-epochs 0.5 --lr-schedule constant --ema-decay 0.9995
         --min-snr-gamma 5
-        --p-uncond 0.1 --steps 10000000 --device cpu)
+        --p-uncond 0.1 --steps 10000000 --device cpu --precision "${PRECISION:-auto}")
 start=()
 if [ ! -f "$RUN/state.safetensors" ] && [ -f "$WEIGHTS" ]; then
     start=(--init-from "$WEIGHTS")   # a new machine: continue from the committed weights
