@@ -59,6 +59,12 @@ PRECISIONS = ("auto", *DTYPES)
 # benchmarks/results/2026-11-29-cpu-sample.md; median ms per guided step at U-Net batch 64 / 128 /
 # 256): eager 411 / 1051 / 2462 (61 / 48 / 41 % of the fp32 matmul ceiling), ONNX Runtime 293 / 621 /
 # 1449 (85 / 81 / 69 %): ONNX Runtime is 1.4-1.7x faster, and both are cheapest per image at 64.
+# Every fp32 runtime on the bundled model, one run, 2026-11-29 (idle machine; min ms of a U-Net
+# forward at batch 32 / 64 / 128): eager 225 / 411 / 1009, eager channels_last 187 / 327 / 728,
+# torch.compile 190 / 326 / 663 (after 52 s of compiling), ONNX Runtime 166 / 324 / 599. ONNX
+# Runtime is the fastest or tied at every batch, and needs no compile. Its cost per image at 64
+# and 128 is within the run-to-run noise (5.06 vs 4.68 ms here, 4.58 vs 4.85 in the run above),
+# so the CPU keeps 32 images a call.
 # So `auto` on the CPU is ONNX Runtime when onnxruntime is installed and the model's graph is
 # cached or the run has at least ONNX_MIN_IMAGE_STEPS (images x steps); eager otherwise.
 ONNX_MIN_IMAGE_STEPS = 500
