@@ -20,8 +20,7 @@ from engine.cli import main as engine_main
 from training.cli import main as train_main
 from training.data import make_synthetic
 from training.state import load_state
-from training import train as train_module
-from training.train import TrainConfig, train
+from training.train import TrainConfig, autocast_bf16, train
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 6
@@ -363,8 +362,8 @@ def test_a_run_saved_before_new_model_fields_resumes(tmp_path):
 def test_auto_precision_is_bf16_autocast_on_cuda_and_on_bf16_cpus(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     for native in (False, True):
-        monkeypatch.setattr(train_module, "native_cpu_bf16", lambda: native)
-        assert train_module.autocast_bf16("auto", cpu) is native
-        assert train_module.autocast_bf16("auto", cuda) is True
-        assert train_module.autocast_bf16("fp32", cuda) is False and train_module.autocast_bf16("fp32", cpu) is False
-        assert train_module.autocast_bf16("bf16", cpu) is True
+        monkeypatch.setattr("training.train.native_cpu_bf16", lambda: native)
+        assert autocast_bf16("auto", cpu) is native
+        assert autocast_bf16("auto", cuda) is True
+        assert autocast_bf16("fp32", cuda) is False and autocast_bf16("fp32", cpu) is False
+        assert autocast_bf16("bf16", cpu) is True
