@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from benchmarks.harness import FULL, ON_GPU, Timing, heavy, measure
-from engine.backends import BackendError, build_runner
+from engine.backends import BackendError, build_engine
 from engine.bench import BENCH_BACKENDS, flops_per_image, step_fn
 from engine.checkpoint import Checkpoint
 from engine.cli import BUNDLED_CHECKPOINT
@@ -68,12 +68,12 @@ def test_step(record, preset, batch, backend):
     ckpt = checkpoint(preset)
     kind, precision = BENCH_BACKENDS[backend]
     try:
-        runner = build_runner(ckpt, SETTINGS, kind, DEVICE, precision, max_images=batch // 2)
+        engine = build_engine(ckpt, kind, DEVICE, precision, max_batch=batch // 2)
     except BackendError as e:
         pytest.skip(str(e))
-    timing = measure(step_fn(runner, batch // 2, ckpt.config))
+    timing = measure(step_fn(engine, SETTINGS, batch // 2, ckpt.config))
     record(what="unet", backend=backend, batch=batch, timing=timing,
-           flops=flops_per_image(ckpt.config) * batch, preset=preset, runs=runner.name, guidance=SETTINGS.guidance)
+           flops=flops_per_image(ckpt.config) * batch, preset=preset, runs=engine.name, guidance=SETTINGS.guidance)
 
 
 @pytest.mark.skipif(**heavy)
@@ -88,12 +88,12 @@ def test_sample_1000(record, backend, sampler, steps):
                     "(DDPM_BENCH_SLOW=1 runs it)")
     ckpt = checkpoint("ddpm-cifar10")
     kind, precision = BENCH_BACKENDS[backend]
-    runner = build_runner(ckpt, replace(SETTINGS, sampler=sampler, steps=steps), kind, DEVICE, precision,
-                          max_images=500)
-    run = lambda: generate(runner, torch.arange(1000), list(range(10)), 0, 500, progress=False)
+    engine = build_engine(ckpt, kind, DEVICE, precision, max_batch=500)
+    settings = replace(SETTINGS, sampler=sampler, steps=steps)
+    run = lambda: generate(engine, settings, torch.arange(1000), list(range(10)), 0, progress=False)
     timing = measure(run, warmup=0, rounds=3 if steps <= 50 else 1)  # the first call (capture) is timed apart
     record(what="sample", backend=backend, batch=1000, timing=timing, sampler=sampler, steps=steps,
-           images_per_s=round(1000 / (timing.median_ms * 1e-3), 1), runs=runner.name)
+           images_per_s=round(1000 / (timing.median_ms * 1e-3), 1), runs=engine.name)
 
 
 def run_sample_cli(out, *args) -> tuple[float, str]:

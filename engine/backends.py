@@ -1,4 +1,5 @@
-"""`build_runner`: the one place a sampling Runner is built, with the eps model of each `--backend`.
+"""`build_engine`: the one place a sampling engine (engine.core.Engine) is built, with the eps model of
+each `--backend`.
 
     eager     the reference UNet; in bf16/fp16 a channels_last copy with float32 norms
     compile   torch.compile of that eager model
@@ -26,10 +27,8 @@ from torch import nn
 
 from engine.checkpoint import Checkpoint, CheckpointError
 from engine.config import DTYPES
-from engine.generate import Runner
-from engine.graphs import StepGraphs, default_buckets
+from engine.core import Engine
 from engine.model import GroupNorm32, UNet
-from engine.sampler import SampleSettings
 
 BACKENDS = ("auto", "fused", "eager", "compile", "onnx", "tensorrt")
 PRECISIONS = ("auto", *DTYPES)
@@ -138,32 +137,38 @@ def interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def build_runner(ckpt: Checkpoint, settings: SampleSettings, backend: str = "auto", device: torch.device | str = "cpu",
-                 precision: str = "auto", max_images: int = 256, graphs: bool | None = None,
-                 images: int | None = None) -> Runner:
-    """The Runner of `settings` on `ckpt` (its model already on `device`) through `backend`.
+def default_max_batch(device: torch.device) -> int:
+    """Images in a step: 256 on a GPU, 32 on the CPU (a U-Net batch of 64 under guidance), where both
+    eager and ONNX Runtime have their lowest cost per image on our 2-core machine (the bundled model,
+    idle machine, benchmarks/results/2026-11-29-cpu-sample.md: ms per image and U-Net call at U-Net
+    batch 64 / 128 / 256: ONNX Runtime 4.6 / 4.9 / 5.7, eager 6.4 / 8.2 / 9.6)."""
+    return 256 if device.type != "cpu" else 32
 
-    max_images: the most images a call gets at once (the largest CUDA-graph bucket; the U-Net
-    sees twice as many under guidance). graphs: CUDA graphs for the fused backend (default: on
-    CUDA). images: how many images the run samples, for `auto` on the CPU.
+
+def build_engine(ckpt: Checkpoint, backend: str = "auto", device: torch.device | str = "cpu", precision: str = "auto",
+                 max_batch: int | None = None, graphs: bool | None = None, image_steps: int | None = None,
+                 admission: str = "step") -> Engine:
+    """The sampling engine of `ckpt` (its model already on `device`) through `backend`.
+
+    max_batch: the most images in a step (default_max_batch; the U-Net sees twice as many under
+    guidance, and it is the largest CUDA-graph bucket). graphs: CUDA graphs for the fused backend
+    (default: on CUDA). image_steps: images x sampling steps of the run, for `auto` on the CPU.
     """
     device = torch.device(device)
-    plan = settings.plan(ckpt.diffusion, device)
-    name, model, step_graphs = eps_model(ckpt, backend, device, precision, max_images, graphs,
-                                         None if images is None else images * plan.num_steps)
+    name, model, use_graphs = eps_model(ckpt, backend, device, precision, graphs, image_steps)
     config = ckpt.config
-    return Runner(name, model, plan, (config.in_channels, config.image_size, config.image_size), config.null_class,
-                  settings.guidance, settings.clip_x0, step_graphs)
+    return Engine(name, model, ckpt.diffusion, (config.in_channels, config.image_size, config.image_size),
+                  config.null_class, device, max_batch or default_max_batch(device), use_graphs, admission=admission)
 
 
-def eps_model(ckpt: Checkpoint, name: str, device: torch.device, precision: str, max_images: int,
-              graphs: bool | None, image_steps: int | None) -> tuple[str, Callable, StepGraphs | None]:
-    """(what runs, the eps model, the CUDA-graph runner or None) for backend `name`."""
+def eps_model(ckpt: Checkpoint, name: str, device: torch.device, precision: str, graphs: bool | None,
+              image_steps: int | None) -> tuple[str, Callable, bool]:
+    """(what runs, the eps model, whether it runs under CUDA graphs) for backend `name`."""
     if ckpt.runtime != "pytorch":  # an exported model: it is its own backend
         if name not in ("auto", ckpt.runtime):
             raise BackendError(f"this checkpoint is a {ckpt.runtime} export: use --backend {ckpt.runtime} (or auto), "
                                f"or pass the .safetensors checkpoint for --backend {name}")
-        return f"{ckpt.runtime}-{ckpt.precision}", ckpt.model, None
+        return f"{ckpt.runtime}-{ckpt.precision}", ckpt.model, False
     # auto on the CPU: a cached fp32 graph decides for ONNX Runtime, and is what it then loads (one hash of the weights).
     cached = cached_graph(ckpt) if name == "auto" and device.type == "cpu" and onnxruntime_installed() else None
     name = resolve_backend(name, device, image_steps, cached is not None)
@@ -172,11 +177,11 @@ def eps_model(ckpt: Checkpoint, name: str, device: torch.device, precision: str,
     match name:
         case "eager":
             if precision == "fp32":
-                return "eager-fp32", ckpt.model.eval(), None
-            return f"eager-{precision}", EagerModel(ckpt.model, dtype), None
+                return "eager-fp32", ckpt.model.eval(), False
+            return f"eager-{precision}", EagerModel(ckpt.model, dtype), False
         case "compile":
             # The default mode: max-autotune did not finish in 5 min at batch 1024 on the H200 (GPU.md).
-            return f"compile-{precision}", torch.compile(EagerModel(ckpt.model, dtype)), None
+            return f"compile-{precision}", torch.compile(EagerModel(ckpt.model, dtype)), False
         case "fused":
             from engine.fused import fuse
 
@@ -186,12 +191,11 @@ def eps_model(ckpt: Checkpoint, name: str, device: torch.device, precision: str,
             use_graphs = device.type == "cuda" if graphs is None else graphs
             if use_graphs and device.type != "cuda":
                 raise BackendError("CUDA graphs need a CUDA device")
-            step_graphs = StepGraphs(default_buckets(max_images), capture=use_graphs) if use_graphs else None
-            return f"fused-{precision}", fuse(ckpt.model, dtype), step_graphs
+            return f"fused-{precision}", fuse(ckpt.model, dtype), use_graphs
         case "onnx":
             return (f"onnx-{'fp16' if precision == 'fp16' else 'fp32'}",
                     onnx_from_checkpoint(ckpt, device, fp16=precision == "fp16",
-                                         cached=cached if precision != "fp16" else None), None)
+                                         cached=cached if precision != "fp16" else None), False)
         case "tensorrt":
             raise BackendError("--backend tensorrt runs a .plan file: build one with ddpm-export --tensorrt, "
                                "then pass it as --checkpoint")

@@ -2,7 +2,7 @@
 
 A step is what the sampler does per timestep: the U-Net on the batch of 2B (conditional and
 unconditional halves), the guidance combine, the per-image noise and the DDPM update
-(engine.generate.Runner.one_step); for the fused backend on CUDA it is one CUDA-graph replay
+(engine.core.Engine.fixed_step); for the fused backend on CUDA it is one CUDA-graph replay
 of exactly that. `batch` is the U-Net batch (images
 x2 under guidance), as in ../shared/GPU.md. images/s is for a whole run of `steps` steps.
 Random weights (speed does not depend on them). Times: CUDA events on the GPU after
@@ -21,15 +21,15 @@ from typing import Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from engine.backends import BackendError, build_runner
+from engine.backends import BackendError, build_engine
 from engine.checkpoint import Checkpoint
 from engine.config import CIFAR10_CLASSES, DiffusionConfig, ModelConfig
-from engine.generate import Runner
+from engine.core import Engine
 from engine.model import UNet
 from engine.noise import image_keys
 from engine.sampler import SampleSettings
 
-# name -> (backend, precision) for engine.backends.build_runner
+# name -> (backend, precision) for engine.backends.build_engine
 BENCH_BACKENDS = {
     "eager-fp32": ("eager", "fp32"),
     "eager-bf16": ("eager", "bf16"),
@@ -100,11 +100,10 @@ def flops_per_image(config: ModelConfig) -> float:
     return float(counter.get_total_flops())
 
 
-def step_fn(runner: Runner, images: int, config: ModelConfig) -> Callable[[], object]:
+def step_fn(engine: Engine, settings: SampleSettings, images: int, config: ModelConfig) -> Callable[[], object]:
     """A no-argument function running one guided step on `images` images (U-Net batch 2 x images)."""
-    labels = (torch.arange(images) % config.num_classes).to(runner.device)
-    keys = image_keys(0, torch.arange(images)).to(runner.device)
-    return runner.one_step(labels, keys)
+    labels = torch.arange(images) % config.num_classes
+    return engine.fixed_step(settings, labels, image_keys(0, torch.arange(images)))
 
 
 def bench(preset: str, batch_sizes: list[int], backends: list[str], device: torch.device, steps: int = 1000,
@@ -130,7 +129,8 @@ def bench(preset: str, batch_sizes: list[int], backends: list[str], device: torc
             skipped.append(f"{name}: needs CUDA (the Triton interpreter on the CPU is for tests, not timing)")
             continue
         try:
-            runner = build_runner(ckpt, settings, kind, device, precision, max_images=max(batch_sizes) // 2)
+            engine = build_engine(ckpt, kind, device, precision, max_batch=max(batch_sizes) // 2,
+                                  image_steps=max(batch_sizes) // 2 * steps)
         except BackendError as e:
             skipped.append(f"{name}: {e}")
             continue
@@ -141,10 +141,10 @@ def bench(preset: str, batch_sizes: list[int], backends: list[str], device: torc
                     skipped.append(f"{name} batch {batch}: ~{estimate_s:.0f} s on this CPU (estimated from eager fp32 "
                                    f"at batch {batch_sizes[0]}), over --cpu-budget-s {cpu_budget_s:g}")
                     continue
-            t = measure(step_fn(runner, batch // 2, config), warmup, rounds, cuda_events=on_gpu)
+            t = measure(step_fn(engine, settings, batch // 2, config), warmup, rounds, cuda_events=on_gpu)
             if ms_per_image is None:
                 ms_per_image = t.median_ms / batch
-            row = Row(runner.name, batch, t.median_ms, t.min_ms, t.max_ms, t.first_call_s,
+            row = Row(engine.name, batch, t.median_ms, t.min_ms, t.max_ms, t.first_call_s,
                       (batch // 2) / (t.median_ms * 1e-3 * steps), flops * batch / (t.median_ms * 1e-3) / 1e12)
             rows.append(row)
             log(format_row(row))

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from engine import distributed
-from engine.backends import BACKENDS, PRECISIONS, build_runner
+from engine.backends import BACKENDS, PRECISIONS, build_engine
 from engine.bench import BENCH_BACKENDS, bench, format_header
 from engine.checkpoint import Checkpoint, CheckpointError, atomic_write, open_checkpoint, save_checkpoint
 from engine.clitools import Parser, UsageError, float_range, int_range, non_negative_float, reported
@@ -36,7 +35,7 @@ from engine.fid import (
     load_stats,
     save_stats,
 )
-from engine.generate import INTERPOLATION, default_batch_size, interpolate, sample_batch
+from engine.generate import INTERPOLATION, generate, image_progress, interpolate
 from engine.images import SampleRun, check_writable, grid, save_png, staged_output
 from engine.noise import MASK32
 from engine.sampler import DDIM_STEPS, DPM_STEPS, SAMPLERS, SPACINGS, VARIANCES, SampleSettings
@@ -66,7 +65,7 @@ EXAMPLES = """examples:
 
 MAX_GUIDANCE = 100.0  # far past any useful scale (papers use up to ~10); beyond it images saturate to garbage
 guidance_scale = float_range(0.0, MAX_GUIDANCE)
-SHARD_IMAGES = 1024  # images a shard of a sampling run: what an interrupt can lose, and a runner call's largest batch
+SHARD_IMAGES = 1024  # images a shard of a sampling run: what an interrupt can lose, and the largest --batch-size
 
 
 def build_parser() -> Parser:
@@ -267,9 +266,9 @@ def cmd_sample(args) -> None:
         settings = SampleSettings(sampler=args.sampler, steps=args.steps, eta=args.eta, variance=args.variance,
                                   spacing=args.spacing, clip_x0=args.clip_x0,
                                   guidance=resolve_guidance(args.guidance, SAMPLE.guidance, ckpt.config))
-        runner = build_runner(ckpt, settings, args.backend, device, args.precision,
-                              max_images=min(args.batch_size or 256, SHARD_IMAGES), images=-(-n // world.size))
-        batch_size = min(args.batch_size or default_batch_size(runner), SHARD_IMAGES)
+        image_steps = -(-n // world.size) * settings.num_steps(ckpt.diffusion.num_timesteps)
+        engine = build_engine(ckpt, args.backend, device, args.precision,
+                              max_batch=args.batch_size and min(args.batch_size, SHARD_IMAGES), image_steps=image_steps)
         run = SampleRun(args.out, n, classes, SHARD_IMAGES, {
             "model": model_digest(args.checkpoint or BUNDLED_CHECKPOINT), "sampler": asdict(settings), "seed": args.seed})
         done, error = 0, None
@@ -282,18 +281,15 @@ def cmd_sample(args) -> None:
             run = None  # not this call's to discard
             raise error or OSError(f"rank 0 could not open {args.out}.partial")
         todo = [(start, stop) for start, stop in run.shards()[world.rank::world.size] if not run.done(start)]
-        total = sum(-(-(stop - start) // batch_size) for start, stop in todo) * runner.plan.num_steps
-        with tqdm(total=total, desc="sampling", unit="step", disable=args.no_progress or not world.is_main) as bar:
+        with image_progress(sum(stop - start for start, stop in todo), not args.no_progress and world.is_main) as bar:
             for start, stop in todo:
-                batches = [sample_batch(runner, torch.arange(b, min(b + batch_size, stop)), classes, args.seed,
-                                        on_step=bar.update) for b in range(start, stop, batch_size)]
-                run.write(start, np.concatenate([x for x, _ in batches]), np.concatenate([y for _, y in batches]))
+                run.write(start, *generate(engine, settings, torch.arange(start, stop), classes, args.seed, bar=bar))
         distributed.barrier(world)
         if world.is_main:
             run.finish()
             ranks = f", {world.size} processes" if world.size > 1 else ""
             resumed = f"; continued a run that had {done}" if done else ""
-            print(f"wrote {n} images to {args.out}/ (grid.png, images/, samples.npz; {runner.name} on {device}{ranks}"
+            print(f"wrote {n} images to {args.out}/ (grid.png, images/, samples.npz; {engine.name} on {device}{ranks}"
                   f"{resumed})")
         distributed.barrier(world)
     except KeyboardInterrupt:
@@ -314,9 +310,9 @@ def cmd_interpolate(args) -> None:
     settings = replace(INTERPOLATION, sampler=args.sampler, steps=args.steps,
                        guidance=resolve_guidance(args.guidance, INTERPOLATION.guidance, ckpt.config))
     images = 2 * args.pairs * args.frames  # one batch, one run: no CUDA graphs
-    runner = build_runner(ckpt, settings, args.backend, device, args.precision, max_images=images, graphs=False,
-                          images=images)
-    frames = interpolate(runner, class_index, args.pairs, args.frames, args.seed, progress=not args.no_progress)
+    engine = build_engine(ckpt, args.backend, device, args.precision, max_batch=images, graphs=False,
+                          image_steps=images * settings.num_steps(ckpt.diffusion.num_timesteps))
+    frames = interpolate(engine, settings, class_index, args.pairs, args.frames, args.seed, progress=not args.no_progress)
     with staged_output(args.out) as stage:
         rows = [frames[i:i + args.frames] for i in range(0, len(frames), args.frames)]
         save_png(stage / "interpolation.png", grid(rows), scale=2)

@@ -203,15 +203,21 @@ def dpm_solver_plan(diffusion: DiffusionConfig, steps: int = DPM_STEPS, spacing:
 
 
 def step(plan: SamplerPlan, i: int | torch.Tensor, x: torch.Tensor, eps: torch.Tensor, z: torch.Tensor,
-         x0_prev: torch.Tensor, clip_x0: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+         x0_prev: torch.Tensor, clip_x0: bool | torch.Tensor = False) -> tuple[torch.Tensor, torch.Tensor]:
     """One update x_{t_i} -> x_{t_{i-1}}; returns (x_{t_{i-1}}, x0_hat) (the next step's x0_prev).
-    Coefficients come from the plan, nothing from the host."""
+    Coefficients come from the plan, nothing from the host: `i` is a step index, or a tensor of
+    per-row entries of a plan whose coefficients are shaped (N, 1, 1, 1) (engine.core.PlanTable).
+    clip_x0: a bool, or a bool tensor saying which rows clip."""
     sqrt_ab, sqrt_1m_ab = plan.sqrt_ab[i], plan.sqrt_1m_ab[i]
     # Eq. 15 (Ho et al.) / Eq. 9 (Song et al.): x0_hat = (x_t - sqrt(1 - ab_t) eps) / sqrt(ab_t).
     x0 = (x - sqrt_1m_ab * eps) / sqrt_ab
-    if clip_x0:
-        x0 = x0.clamp(-1, 1)
-        eps = (x - sqrt_ab * x0) / sqrt_1m_ab
+    if clip_x0 is not False:
+        clipped = x0.clamp(-1, 1)
+        implied_eps = (x - sqrt_ab * clipped) / sqrt_1m_ab  # the eps that the clipped x0_hat implies
+        if clip_x0 is True:
+            x0, eps = clipped, implied_eps
+        else:
+            x0, eps = torch.where(clip_x0, clipped, x0), torch.where(clip_x0, implied_eps, eps)
     x_next = (plan.coef_x0[i] * x0 + plan.coef_xt[i] * x + plan.coef_eps[i] * eps + plan.coef_prev_x0[i] * x0_prev
               + plan.sigma[i] * z)
     return x_next, x0

@@ -31,14 +31,15 @@ from torch import nn
 from tqdm import tqdm
 
 from engine import distributed, fid
-from engine.backends import build_runner, native_cpu_bf16
+from engine.backends import build_engine, native_cpu_bf16
 from engine.checkpoint import Checkpoint, atomic_write, expected_shapes, load_checkpoint, save_checkpoint
 from engine.clitools import at_least_one, below_one, int_range, non_negative_float, positive_float, unit_float
 from engine.config import PRESETS, DiffusionConfig, ModelConfig
 from engine.diffusion import alpha_bar as make_alpha_bar
 from engine.diffusion import eps_loss
 from engine.distributed import World
-from engine.generate import Runner, default_batch_size, generate
+from engine.core import Engine
+from engine.generate import generate
 from engine.images import check_writable, class_rows, grid
 from engine.model import UNet, swap_modules
 from engine.sampler import SampleSettings
@@ -580,11 +581,12 @@ def open_log(path: Path, start_step: int):
     return open(path, "a")
 
 
-def training_runner(ema: UNet, diffusion: DiffusionConfig, config: TrainConfig, device: torch.device) -> Runner:
-    """What the grids and the FID evaluations sample with: the eager EMA model, --sample-sampler for --sample-steps
-    and the sampler's default guidance."""
+def training_sampler(ema: UNet, diffusion: DiffusionConfig, config: TrainConfig,
+                     device: torch.device) -> tuple[Engine, SampleSettings]:
+    """What the grids and the FID evaluations sample with: the eager EMA model, --sample-sampler for
+    --sample-steps and the sampler's default guidance."""
     settings = SampleSettings(sampler=config.sample_sampler, steps=min(config.sample_steps, diffusion.num_timesteps))
-    return build_runner(Checkpoint(ema, diffusion, ()), settings, "eager", device, "fp32")
+    return build_engine(Checkpoint(ema, diffusion, ()), "eager", device, "fp32"), settings
 
 
 FID_CHUNK = 256  # images sampled, then featurised, at a time in an FID evaluation (bounded memory)
@@ -596,12 +598,11 @@ def evaluate_fid(ema: UNet, mc: ModelConfig, diffusion: DiffusionConfig, config:
     """FID of config.fid_samples images of the EMA model (the grids' sampler, steps and guidance,
     class i % num_classes for image i, the run's seed) against the reference statistics."""
     classes = list(range(mc.num_classes))
-    runner = training_runner(ema, diffusion, config, device)
+    engine, settings = training_sampler(ema, diffusion, config, device)
 
     def batches():
         for indices in torch.arange(config.fid_samples).split(FID_CHUNK):
-            images, _ = generate(runner, indices, classes, seed=config.seed, batch_size=default_batch_size(runner),
-                                 progress=False)
+            images, _ = generate(engine, settings, indices, classes, seed=config.seed, progress=False)
             yield images
 
     stats = fid.feature_stats(network, batches(), config.fid_samples, progress=False, source="training samples")
@@ -619,8 +620,8 @@ def grid_is_cheap(steps_trained: int, config: TrainConfig, mc: ModelConfig) -> b
 def save_samples(path: Path, ema: UNet, mc: ModelConfig, diffusion: DiffusionConfig, config: TrainConfig,
                  device: torch.device) -> None:
     classes = list(range(mc.num_classes))
-    runner = training_runner(ema, diffusion, config, device)
-    images, labels = generate(runner, torch.arange(SAMPLES_PER_CLASS * len(classes)), classes, seed=0,
-                              batch_size=default_batch_size(runner), progress=False)
+    engine, settings = training_sampler(ema, diffusion, config, device)
+    images, labels = generate(engine, settings, torch.arange(SAMPLES_PER_CLASS * len(classes)), classes, seed=0,
+                              progress=False)
     picture = Image.fromarray(grid(class_rows(images, labels, classes)))
     atomic_write(path, lambda tmp: picture.save(tmp, format="PNG"))

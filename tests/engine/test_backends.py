@@ -9,7 +9,7 @@ from engine import backends
 from engine.backends import (
     BackendError,
     EagerModel,
-    build_runner,
+    build_engine,
     interpreter_on,
     onnxruntime_installed,
     resolve_backend,
@@ -61,7 +61,7 @@ def test_same_seed_same_images_across_backends(checkpoint, eager_images, tmp_pat
 
 
 def test_fused_backend_in_the_interpreter(checkpoint, eager_images, tmp_path, capsys):
-    """The fused model (Triton interpreter on the CPU) through the Runner's plain loop."""
+    """The fused model (Triton interpreter on the CPU) through the engine's plain step."""
     if not interpreter_on():  # a CUDA machine: conftest.py leaves TRITON_INTERPRET unset there
         pytest.skip("needs TRITON_INTERPRET=1 (set on machines without CUDA); on CUDA the fused model is tested by "
                     "tests/engine/test_graphs.py and test_fused.py")
@@ -121,9 +121,9 @@ def test_an_onnx_checkpoint_only_runs_on_onnx(checkpoint, tmp_path):
     export_onnx(load_checkpoint(checkpoint), path)
     ckpt = load_onnx(path)
     assert ckpt.runtime == "onnx"
-    assert build_runner(ckpt, SampleSettings(), "auto").name == "onnx-fp32"
+    assert build_engine(ckpt, "auto").name == "onnx-fp32"
     with pytest.raises(BackendError, match="use --backend onnx"):
-        build_runner(ckpt, SampleSettings(), "eager")
+        build_engine(ckpt, "eager")
 
 
 def test_auto_choices():

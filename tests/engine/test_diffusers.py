@@ -20,12 +20,13 @@ from safetensors.torch import load_file, save_file
 
 diffusers = pytest.importorskip("diffusers", reason="the diffusers parity tests need diffusers (the `test` extra)")
 
-from engine.backends import build_runner
+from engine.backends import build_engine
 from engine.checkpoint import CheckpointError, load_checkpoint, open_checkpoint, save_checkpoint
 from engine.cli import main
 from engine.config import PRESETS, DiffusionConfig
 from engine.diffusers_format import SCHEDULER_DEFAULTS, UNET_DEFAULTS, load_diffusers, model_config, save_diffusers
 from engine.diffusion import make_betas
+from engine.generate import sample_tensor
 from engine.model import UNet, count_parameters
 from engine.noise import image_keys
 from engine.sampler import SPACINGS, SampleSettings
@@ -242,8 +243,9 @@ def test_ddim_trajectory_matches_diffusers(tmp_path, T, steps, spacing):
                                         set_alpha_to_one=True, timestep_spacing=spacing or "linspace", steps_offset=0)
     scheduler.set_timesteps(steps)
     settings = SampleSettings(sampler="ddim", steps=steps, eta=0.0, guidance=0.0)
-    runner = build_runner(ckpt, settings if spacing is None else replace(settings, spacing=spacing), "eager")
-    assert scheduler.timesteps.tolist() == runner.plan.timesteps.flip(0).tolist()
+    settings = settings if spacing is None else replace(settings, spacing=spacing)
+    engine = build_engine(ckpt, "eager")
+    assert scheduler.timesteps.tolist() == settings.plan(ckpt.diffusion).timesteps.flip(0).tolist()
     g = torch.Generator().manual_seed(5)
     x_T = torch.randn(2, 3, 16, 16, generator=g)
     y = torch.tensor([1, 4])
@@ -251,7 +253,7 @@ def test_ddim_trajectory_matches_diffusers(tmp_path, T, steps, spacing):
     with torch.no_grad():
         for t in scheduler.timesteps:
             x = scheduler.step(net(x, t, class_labels=y).sample, t, x, eta=0.0).prev_sample
-    ours = runner(y, image_keys(0, torch.arange(2)), x_T=x_T)
+    ours = sample_tensor(engine, settings, y, image_keys(0, torch.arange(2)), x_T)
     error = relative_error(ours, x)
     print(f"DDIM trajectory, T = {T}, {steps} steps, {spacing or 'default'} spacing: max relative error {error:.2e}")
     assert error <= TRAJECTORY_TOLERANCE, error

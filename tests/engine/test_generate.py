@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.backends import build_runner
+from engine.backends import build_engine
 from engine.checkpoint import Checkpoint
 from engine.config import PRESETS, DiffusionConfig
 from engine.generate import INTERPOLATION, generate, interpolate, labels_for, slerp
@@ -22,8 +22,8 @@ def model():
 
 
 def run(model, indices, batch_size, settings=SampleSettings(sampler="ddim", steps=4, guidance=1.5), seed=5):
-    runner = build_runner(Checkpoint(model, DIFFUSION, ()), settings, "eager")
-    return generate(runner, torch.as_tensor(indices), [0, 3, 7], seed, batch_size, progress=False)
+    engine = build_engine(Checkpoint(model, DIFFUSION, ()), "eager", max_batch=batch_size)
+    return generate(engine, settings, torch.as_tensor(indices), [0, 3, 7], seed, progress=False)
 
 
 def same_images(a: np.ndarray, b: np.ndarray) -> bool:
@@ -80,8 +80,9 @@ def test_slerp_keeps_the_norm_and_hits_the_ends():
 
 
 def test_interpolation_rows_start_and_end_at_the_same_images(model):
-    runner = build_runner(Checkpoint(model, DIFFUSION, ()), replace(INTERPOLATION, steps=3), "eager")
-    images = interpolate(runner, class_index=2, pairs=2, frames=4, seed=0, progress=False)
+    engine = build_engine(Checkpoint(model, DIFFUSION, ()), "eager")
+    images = interpolate(engine, replace(INTERPOLATION, steps=3), class_index=2, pairs=2, frames=4, seed=0,
+                         progress=False)
     assert images.shape == (2 * 2 * 4, 32, 32, 3)
     rows = images.reshape(2, 2, 4, 32, 32, 3)  # pair, (lerp, slerp), frame
     for pair in range(2):

@@ -1,9 +1,9 @@
-"""The CUDA-graph path of the Runner: same maths as its plain loop, no host sync in a step.
+"""The CUDA-graph path of the engine: the same maths as its plain step, no host sync in a step.
 
-On the CPU the bucketed step without capture (StepGraphs(capture=False)) is compared with
-the Runner's plain loop, and the step is checked to never read a device value on the host
-(which would break capture). The capture itself, graphed == not graphed and the 50-step
-DDIM comparison run on a GPU (marked `gpu`).
+On the CPU the padded buckets without capture (Engine(graphs=True, capture=False)) are compared
+with the plain step, and an engine step is checked to never read a device value on the host
+(which would break capture). The capture itself, graphed == not graphed and the 50-step DDIM
+comparison run on a GPU (marked `gpu`).
 """
 
 import pytest
@@ -11,11 +11,12 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from engine.config import PRESETS, DiffusionConfig, ModelConfig
-from engine.generate import Runner
+from engine.core import Engine, Request
+from engine.generate import sample_tensor, to_uint8
 from engine.graphs import StepGraphs, default_buckets
 from engine.model import UNet
 from engine.noise import image_keys
-from engine.sampler import ddim_plan, ddpm_plan
+from engine.sampler import SampleSettings
 
 # Small enough for eager CPU runs of a few steps; the GPU tests use the real presets.
 CONFIG = ModelConfig(image_size=16, ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), num_groups=8,
@@ -31,13 +32,13 @@ def model():
     return UNet(CONFIG).eval()
 
 
-def batch(n, device="cpu"):
+def batch(n):
     indices = torch.arange(n)
-    return (indices % CONFIG.num_classes).to(device), image_keys(5, indices).to(device)
+    return indices % CONFIG.num_classes, image_keys(5, indices)
 
 
-def runner(model, plan, guidance, graphs=None, shape=SHAPE, clip_x0=False):
-    return Runner("test", model, plan, shape, 10, guidance, clip_x0, graphs)
+def engine_of(model, shape=SHAPE, device="cpu", max_batch=8, graphs=False, capture=True, diffusion=DIFFUSION):
+    return Engine("test", model, diffusion, shape, 10, device, max_batch, graphs, capture)
 
 
 def test_default_buckets():
@@ -46,43 +47,34 @@ def test_default_buckets():
     assert default_buckets(100) == (1, 2, 4, 8, 16, 32, 64, 100)
 
 
-@pytest.mark.parametrize("plan", [ddpm_plan(DIFFUSION, 4), ddim_plan(DIFFUSION, 3, eta=0.5)], ids=["ddpm", "ddim"])
-def test_bucketed_steps_equal_the_plain_loop_exactly(model, plan):
-    labels, keys = batch(4)
-    ref = runner(model, plan, 1.5, clip_x0=True)(labels, keys)
-    out = runner(model, plan, 1.5, StepGraphs((4,), capture=False), clip_x0=True)(labels, keys)
-    assert torch.equal(out, ref)
+def test_step_graphs_pad_to_the_bucket_and_return_the_rows():
+    seen = []
+
+    def fn(x, y):
+        seen.append(len(x))
+        return x * 2, y + 1
+
+    graphs = StepGraphs(fn, (2, 8), capture=False)
+    x, y = graphs(torch.ones(3, 4), torch.arange(3))
+    assert seen == [8] and torch.equal(x, torch.full((3, 4), 2.0)) and y.tolist() == [1, 2, 3]
+    graphs(torch.ones(1, 4), torch.arange(1))
+    assert seen == [8, 2]
+    with pytest.raises(ValueError, match="largest bucket"):
+        graphs(torch.ones(9, 4), torch.arange(9))
 
 
-def test_padding_and_splitting_keep_each_image(model):
-    plan = ddpm_plan(DIFFUSION, 3)
+@pytest.mark.parametrize("settings", [
+    SampleSettings(sampler="ddpm", steps=4, guidance=1.5, clip_x0=True),
+    SampleSettings(sampler="ddim", steps=3, eta=0.5, guidance=1.5),
+    SampleSettings(sampler="dpm++2m", steps=4, guidance=0.0),
+], ids=["ddpm-clip", "ddim", "dpm-unguided"])
+def test_bucketed_steps_equal_the_plain_step(model, settings):
+    """5 rows padded to the bucket of 8, every row computing its unconditional half (w = 0 rows
+    weigh it by 0): the plain step's images, up to the convolutions' summation order."""
     labels, keys = batch(5)
-    ref = runner(model, plan, 1.0)(labels, keys)
-    steps = []
-    padded = runner(model, plan, 1.0, StepGraphs((8,), capture=False))(labels, keys, on_step=lambda: steps.append(1))
-    split = runner(model, plan, 1.0, StepGraphs((1, 2), capture=False))(labels, keys)
-    assert len(steps) == plan.num_steps
-    # Other batch sizes: the convolutions may sum in another order (last bits only).
-    torch.testing.assert_close(padded, ref, rtol=0, atol=1e-5)
-    torch.testing.assert_close(split, ref, rtol=0, atol=1e-5)
-
-
-def test_given_x_T_is_used(model):
-    plan = ddim_plan(DIFFUSION, 2)
-    labels, keys = batch(2)
-    x_T = torch.randn(2, *SHAPE)
-    ref = runner(model, plan, 0.0)(labels, keys, x_T=x_T)
-    out = runner(model, plan, 0.0, StepGraphs((2,), capture=False))(labels, keys, x_T=x_T)
-    assert torch.equal(out, ref)
-    assert not torch.equal(out, runner(model, plan, 0.0)(labels, keys))
-
-
-def test_graphs_serve_one_runner(model):
-    graphs = StepGraphs((2,), capture=False)
-    labels, keys = batch(2)
-    runner(model, ddim_plan(DIFFUSION, 2), 0.0, graphs)(labels, keys)
-    with pytest.raises(ValueError, match="one Runner"):
-        runner(model, ddim_plan(DIFFUSION, 3), 0.0, graphs)(labels, keys)
+    ref = sample_tensor(engine_of(model), settings, labels, keys)
+    out = sample_tensor(engine_of(model, graphs=True, capture=False), settings, labels, keys)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
 
 
 class HostReads(TorchDispatchMode):
@@ -98,62 +90,64 @@ class HostReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("guidance", [0.0, 1.8])
-def test_a_step_reads_nothing_from_the_device(model, guidance):
-    """What capture needs: the step index stays on the device (a 0-d index would call .item())."""
-    plan = ddpm_plan(DIFFUSION, 5)
-    graphs = StepGraphs((2,), capture=False)
-    labels, keys = batch(2)
-    advance, _ = graphs.prepare(runner(model, plan, guidance, graphs, clip_x0=True), labels, keys)
+@pytest.mark.parametrize("graphs", [False, True], ids=["plain", "buckets"])
+def test_an_engine_step_reads_nothing_from_the_device(model, graphs):
+    """What capture needs: between rows joining and leaving, a step (model call, guidance of mixed w,
+    per-row coefficients, noise and clipping of mixed settings) reads no device value."""
+    engine = engine_of(model, graphs=graphs, capture=False)
+    labels, keys = batch(4)
+    engine.submit(Request(SampleSettings(sampler="ddpm", steps=5, guidance=1.8, clip_x0=True), labels[:2], keys[:2]))
+    engine.submit(Request(SampleSettings(sampler="dpm++2m", steps=6, guidance=0.0), labels[2:], keys[2:]))
+    engine.step()  # the rows join here
     with HostReads() as mode:
-        advance()
-        advance()
+        engine.step()
+        engine.step()
     assert mode.reads == []
-    assert graphs._state[2].index.tolist() == [plan.num_steps - 3]
     with HostReads() as mode:  # the detector itself: a host read is seen
-        graphs._state[2].index.item()
+        engine._state["pos"][0].item()
     assert mode.reads != []
 
 
+def fused_engine(preset, graphs, capture=True, max_batch=8):
+    from engine.fused import fuse
+
+    torch.manual_seed(0)
+    fused = fuse(UNet(PRESETS[preset]).eval().cuda(), "bf16")
+    return engine_of(fused, SHAPE32, "cuda", max_batch, graphs, capture, DiffusionConfig())
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++2m"])
 def test_graphed_equals_not_graphed_exactly(sampler):
-    from engine.fused import fuse
-
-    torch.manual_seed(0)
-    fused = fuse(UNet(PRESETS["cifar10-compact"]).eval().cuda(), "bf16")
-    plan = (ddpm_plan(DIFFUSION, 20) if sampler == "ddpm" else ddim_plan(DIFFUSION, 20, eta=0.3)).to("cuda")
-    labels, keys = batch(6, "cuda")
-    eager = runner(fused, plan, 1.8, StepGraphs((8,), capture=False), SHAPE32)(labels, keys)
-    graphs = StepGraphs((8,), capture=True)
-    graphed_runner = runner(fused, plan, 1.8, graphs, SHAPE32)
-    graphed = graphed_runner(labels, keys)
-    assert graphs._state[8].graph is not None
+    settings = SampleSettings(sampler=sampler, steps=20, eta=0.3, guidance=1.8)
+    labels, keys = batch(6)
+    eager = sample_tensor(fused_engine("cifar10-compact", True, capture=False), settings, labels, keys)
+    graphed_engine = fused_engine("cifar10-compact", True)
+    graphed = sample_tensor(graphed_engine, settings, labels, keys)
+    assert graphed_engine.graphs._buckets[8].graph is not None
     assert torch.equal(graphed, eager)
-    again = graphed_runner(labels, keys)  # replays the captured graph
-    assert torch.equal(again, eager)
+    assert torch.equal(sample_tensor(graphed_engine, settings, labels, keys), eager)  # replays the captured graph
 
 
 @pytest.mark.gpu
-def test_no_host_sync_while_sampling():
-    """After capture, a whole run (S replays and the host loop around them) never syncs: with sync
-    debug mode "error" any sync raises. The mode is checked to be on by a deliberate sync."""
-    from engine.fused import fuse
-
-    torch.manual_seed(0)
-    fused = fuse(UNet(PRESETS["tiny"]).eval().cuda(), "bf16")
-    plan = ddpm_plan(DIFFUSION).to("cuda")
-    labels, keys = batch(4, "cuda")
-    graphed_runner = runner(fused, plan, 1.8, StepGraphs((4,)), SHAPE32)
-    reference = graphed_runner(labels, keys)  # captures the graph (capture itself synchronises)
+def test_no_host_sync_while_stepping():
+    """After capture, engine steps between rows joining and leaving never sync: with sync debug mode
+    "error" any sync raises. The mode is checked to be on by a deliberate sync."""
+    engine = fused_engine("tiny", True, max_batch=4)
+    labels, keys = batch(4)
+    settings = SampleSettings(sampler="ddpm", steps=50, guidance=1.8)
+    sample_tensor(engine, settings, labels, keys)  # captures the graph (capture itself synchronises)
+    engine.submit(Request(settings, labels, keys))
+    engine.step()  # the rows join
     torch.cuda.set_sync_debug_mode("error")
     try:
-        out = graphed_runner(labels, keys)
+        for _ in range(10):
+            engine.step()
         with pytest.raises(RuntimeError):
-            out.sum().item()
+            engine._state["x"].sum().item()
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert torch.equal(out, reference)
+    engine.run()
 
 
 @pytest.mark.gpu
@@ -161,16 +155,17 @@ def test_no_host_sync_while_sampling():
 def test_fused_ddim50_images_match_eager_fp32(preset):
     """Final images of a 50-step DDIM run: within a few intensity levels of the eager fp32 model."""
     from engine.fused import fuse
-    from engine.generate import to_uint8
 
     torch.manual_seed(0)
     model = UNet(PRESETS[preset]).eval().cuda()
     with torch.no_grad():  # keep random-weight images off the clipping rails, as tests/export does
         model.conv_out.weight.mul_(0.1)
         model.conv_out.bias.mul_(0.1)
-    plan = ddim_plan(DiffusionConfig(), 50).to("cuda")
-    labels, keys = batch(16, "cuda")
-    ref = to_uint8(runner(model, plan, 1.8, shape=SHAPE32)(labels, keys)).astype(int)
-    out = to_uint8(runner(fuse(model, "bf16"), plan, 1.8, StepGraphs((16,)), SHAPE32)(labels, keys)).astype(int)
+    settings = SampleSettings(sampler="ddim", steps=50, guidance=1.8)
+    labels, keys = batch(16)
+    reference = engine_of(model, SHAPE32, "cuda", 16, diffusion=DiffusionConfig())
+    ref = to_uint8(sample_tensor(reference, settings, labels, keys)).astype(int)
+    fused = engine_of(fuse(model, "bf16"), SHAPE32, "cuda", 16, graphs=True, diffusion=DiffusionConfig())
+    out = to_uint8(sample_tensor(fused, settings, labels, keys)).astype(int)
     diff = abs(out - ref)
     assert diff.mean() <= 1.0 and (diff <= 4).mean() >= 0.99, (diff.mean(), diff.max())

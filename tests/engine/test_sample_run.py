@@ -22,15 +22,15 @@ def test_an_interrupted_run_continues_where_it_stopped(checkpoint, tmp_path, mon
     expected = np.load(tmp_path / "straight" / "samples.npz")
 
     calls = []
-    real = engine.cli.sample_batch
+    real = engine.cli.generate
 
-    def interrupted_in_the_second_shard(runner, indices, *args, **kwargs):
+    def interrupted_in_the_second_shard(eng, settings, indices, *args, **kwargs):
         calls.append(indices.tolist())
         if int(indices[0]) == 2:
             raise KeyboardInterrupt
-        return real(runner, indices, *args, **kwargs)
+        return real(eng, settings, indices, *args, **kwargs)
 
-    monkeypatch.setattr(engine.cli, "sample_batch", interrupted_in_the_second_shard)
+    monkeypatch.setattr(engine.cli, "generate", interrupted_in_the_second_shard)
     out = tmp_path / "out"
     assert sample(checkpoint, out) == 130
     assert "same command continues" in capsys.readouterr().err
@@ -39,11 +39,11 @@ def test_an_interrupted_run_continues_where_it_stopped(checkpoint, tmp_path, mon
 
     calls.clear()
 
-    def counted(runner, indices, *args, **kwargs):
+    def counted(eng, settings, indices, *args, **kwargs):
         calls.append(indices.tolist())
-        return real(runner, indices, *args, **kwargs)
+        return real(eng, settings, indices, *args, **kwargs)
 
-    monkeypatch.setattr(engine.cli, "sample_batch", counted)
+    monkeypatch.setattr(engine.cli, "generate", counted)
     assert sample(checkpoint, out) == 0
     assert calls == [[2, 3], [4]]  # the first shard was not sampled again
     assert "continued a run that had 2" in capsys.readouterr().out
@@ -55,16 +55,16 @@ def test_an_interrupted_run_continues_where_it_stopped(checkpoint, tmp_path, mon
 
 def test_leftovers_of_another_run_are_refused(checkpoint, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(engine.cli, "SHARD_IMAGES", 2)
-    real = engine.cli.sample_batch
+    real = engine.cli.generate
 
-    def interrupt_late(runner, indices, *args, **kwargs):
+    def interrupt_late(eng, settings, indices, *args, **kwargs):
         if int(indices[0]) == 4:
             raise KeyboardInterrupt
-        return real(runner, indices, *args, **kwargs)
+        return real(eng, settings, indices, *args, **kwargs)
 
-    monkeypatch.setattr(engine.cli, "sample_batch", interrupt_late)
+    monkeypatch.setattr(engine.cli, "generate", interrupt_late)
     assert sample(checkpoint, tmp_path / "out") == 130
-    monkeypatch.setattr(engine.cli, "sample_batch", real)
+    monkeypatch.setattr(engine.cli, "generate", real)
     capsys.readouterr()
     assert sample(checkpoint, tmp_path / "out", "--seed", 1) == 1  # another seed: other images
     err = capsys.readouterr().err

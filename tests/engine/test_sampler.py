@@ -6,7 +6,8 @@ from torch import nn
 
 from engine.config import DiffusionConfig
 from engine.diffusion import alpha_bar
-from engine.generate import Runner, guided_eps
+from engine.core import Engine
+from engine.generate import sample_tensor
 from engine.noise import image_keys
 from engine.sampler import SampleSettings, ddim_plan, ddpm_plan, step, timestep_sequence
 
@@ -30,19 +31,21 @@ class GaussianOracle(nn.Module):
         return (1 - ab).sqrt() * (x - ab.sqrt() * mu) / (ab * self.std**2 + 1 - ab)
 
 
-def run(plan, model, labels, null_class=2, guidance=0.0):
-    keys = image_keys(123, torch.arange(len(labels)))
-    return Runner("oracle", model, plan, SHAPE, null_class, guidance)(labels, keys)
+def run(settings, model, labels, x_T=None, keys=None, null_class=2):
+    """x_0 of these rows through the sampling engine, all in one batch."""
+    keys = image_keys(123, torch.arange(len(labels))) if keys is None else keys
+    engine = Engine("oracle", model, DiffusionConfig(), SHAPE, null_class, max_batch=len(labels))
+    return sample_tensor(engine, settings, labels, keys, x_T)
 
 
 MEANS = torch.stack([torch.full(SHAPE, 0.5), torch.full(SHAPE, -0.3), torch.zeros(SHAPE)])
 STD = 0.2
 
 
-def sample_std_error(plan) -> float:
+def sample_std_error(settings) -> float:
     """Sample 2 x 500 images of two classes; check the means, return the worst relative std error."""
     labels = torch.tensor([0, 1]).repeat(500)
-    x = run(plan, GaussianOracle(DiffusionConfig(), MEANS, STD), labels)
+    x = run(settings, GaussianOracle(DiffusionConfig(), MEANS, STD), labels)
     errors = []
     for c in (0, 1):
         xc = x[labels == c]
@@ -51,23 +54,22 @@ def sample_std_error(plan) -> float:
     return max(errors)
 
 
-@pytest.mark.parametrize("make_plan", [
-    lambda d: ddpm_plan(d, variance="large"),
-    lambda d: ddpm_plan(d, variance="small"),
-    lambda d: ddim_plan(d, steps=1000, eta=0.0),
-    lambda d: ddim_plan(d, steps=1000, eta=1.0),
+@pytest.mark.parametrize("settings", [
+    SampleSettings(sampler="ddpm", variance="large", guidance=0.0),
+    SampleSettings(sampler="ddpm", variance="small", guidance=0.0),
+    SampleSettings(sampler="ddim", steps=1000, eta=0.0, guidance=0.0),
+    SampleSettings(sampler="ddim", steps=1000, eta=1.0, guidance=0.0),
 ], ids=["ddpm-large", "ddpm-small", "ddim-eta0", "ddim-eta1"])
-def test_samples_have_the_data_mean_and_variance(make_plan):
+def test_samples_have_the_data_mean_and_variance(settings):
     # With all T steps the discretisation error is small: the samples follow the data.
-    assert sample_std_error(make_plan(DiffusionConfig())) < 0.04
+    assert sample_std_error(settings) < 0.04
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
 def test_fewer_steps_converge_to_the_data_variance(sampler):
     # With S < T steps the error is the discretisation's: it shrinks as S grows, and the
     # quadratic spacing (dense near t = 0, where narrow data is resolved) beats linspace at S = 50.
-    d = DiffusionConfig()
-    make = (lambda s, sp: ddpm_plan(d, s, "small", sp)) if sampler == "ddpm" else (lambda s, sp: ddim_plan(d, s, 0.0, sp))
+    make = lambda s, sp: SampleSettings(sampler=sampler, steps=s, eta=0.0, variance="small", spacing=sp, guidance=0.0)
     e50, e200 = sample_std_error(make(50, "linspace")), sample_std_error(make(200, "linspace"))
     assert e200 < e50
     assert sample_std_error(make(50, "quadratic")) < e50
@@ -118,22 +120,33 @@ def test_timestep_sequence_rejects_bad_step_counts(steps):
         timestep_sequence(1000, steps)
 
 
+def guided_reference(model, x, t, y, w, null_class=2):
+    """(1 + w) eps(x, c) - w eps(x, null) from two separate calls."""
+    return (1 + w) * model(x, t, y) - w * model(x, t, torch.full_like(y, null_class))
+
+
 def test_guidance_is_one_batched_call_equal_to_two_separate_calls():
     torch.manual_seed(0)
-    means = torch.randn(3, *SHAPE)
-    model = GaussianOracle(DiffusionConfig(), means, 0.5)
-    x, t, y = torch.randn(5, *SHAPE), torch.randint(0, 1000, (5,)), torch.tensor([0, 1, 0, 1, 1])
-    w = 1.8
-    guided = guided_eps(model, x, t, y, w, null_class=2)
-    assert model.calls == [10]  # ONE call on the 2B batch
-    eps_c, eps_u = model(x, t, y), model(x, t, torch.full_like(y, 2))
-    assert torch.allclose(guided, (1 + w) * eps_c - w * eps_u, atol=1e-5)
-
-
-def test_zero_guidance_is_the_conditional_model():
     model = GaussianOracle(DiffusionConfig(), torch.randn(3, *SHAPE), 0.5)
-    x, t, y = torch.randn(4, *SHAPE), torch.randint(0, 1000, (4,)), torch.tensor([0, 1, 1, 0])
-    assert torch.equal(guided_eps(model, x, t, y, 0.0, null_class=2), model(x, t, y))
+    y, x_T = torch.tensor([0, 1, 0, 1, 1]), torch.randn(5, *SHAPE)
+    w = 1.8
+    settings = SampleSettings(sampler="ddim", steps=1, guidance=w)
+    x0 = run(settings, model, y, x_T)
+    assert model.calls == [10]  # ONE call on the 2B batch
+    plan = settings.plan(DiffusionConfig())
+    eps = guided_reference(model, x_T, plan.timesteps.expand(5), y, w)
+    assert torch.allclose(x0, step(plan, 0, x_T, eps, torch.zeros_like(x_T), torch.zeros_like(x_T))[0], atol=1e-5)
+
+
+def test_zero_guidance_is_the_conditional_model_alone():
+    model = GaussianOracle(DiffusionConfig(), torch.randn(3, *SHAPE), 0.5)
+    y, x_T = torch.tensor([0, 1, 1, 0]), torch.randn(4, *SHAPE)
+    settings = SampleSettings(sampler="ddim", steps=1, guidance=0.0)
+    x0 = run(settings, model, y, x_T)
+    assert model.calls == [4]  # no unconditional half
+    plan = settings.plan(DiffusionConfig())
+    eps = model(x_T, plan.timesteps.expand(4), y)
+    assert torch.equal(x0, step(plan, 0, x_T, eps, torch.zeros_like(x_T), torch.zeros_like(x_T))[0])
 
 
 def test_sample_settings_resolve_their_steps():
@@ -169,8 +182,9 @@ def test_ode_samplers_converge_at_their_order(sampler, low, high):
     x_T = torch.randn(4, *SHAPE, generator=torch.Generator().manual_seed(0))
     errors = []
     for steps in (20, 40, 80):
-        plan = SampleSettings(sampler=sampler, steps=steps, spacing="quadratic", guidance=0.0).plan(diffusion)
-        x0 = Runner(sampler, model, plan, SHAPE, 2, 0.0)(labels, keys, x_T=x_T)
+        settings = SampleSettings(sampler=sampler, steps=steps, spacing="quadratic", guidance=0.0)
+        plan = settings.plan(diffusion)
+        x0 = run(settings, model, labels, x_T, keys)
         ab_start = alpha_bar(diffusion)[plan.timesteps[-1]]
         exact = exact_ode_solution(x_T.double(), ab_start, MEANS[labels].double(), STD)
         errors.append((x0.double() - exact).abs().max().item())
@@ -187,10 +201,11 @@ def test_dpm_solver_matches_diffusers():
     labels, keys, w = torch.tensor([0, 1, 1]), image_keys(3, torch.arange(3)), 1.5
     x_T = torch.randn(3, *SHAPE, generator=torch.Generator().manual_seed(1))
     for steps in (1, 2, 5, 20):
-        plan = SampleSettings(sampler="dpm++2m", steps=steps, spacing="trailing").plan(diffusion)
+        settings = SampleSettings(sampler="dpm++2m", steps=steps, spacing="trailing", guidance=w)
+        plan = settings.plan(diffusion)
         # Ours runs in float32; x0_hat = (x - sigma eps) / alpha at t = 999 (alpha = 0.006) scales
         # float32 rounding by 1/alpha, so a one-step run carries ~1e-5 on its own.
-        ours = Runner("dpm", model, plan, SHAPE, 2, w)(labels, keys, x_T=x_T)
+        ours = run(settings, model, labels, x_T, keys)
 
         scheduler = diffusers.DPMSolverMultistepScheduler(
             num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
@@ -201,7 +216,7 @@ def test_dpm_solver_matches_diffusers():
         x = x_T.clone().double()  # diffusers in float64: the reference
         for t in scheduler.timesteps:
             tt = torch.full((3,), int(t))
-            eps = guided_eps(model, x.float(), tt, labels, w, 2).double()
+            eps = guided_reference(model, x.float(), tt, labels, w).double()
             x = scheduler.step(eps, t, x).prev_sample
         error = ((ours.double() - x).norm() / x.norm()).item()
         assert error < (2e-5 if steps == 1 else 1e-5), (steps, error)

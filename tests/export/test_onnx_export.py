@@ -9,7 +9,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, shape_inference
 
-from engine.backends import build_runner
+from engine.backends import build_engine
 from engine.checkpoint import Checkpoint, CheckpointError, save_checkpoint
 from engine.generate import generate
 from engine.runtimes import onnx_export
@@ -92,9 +92,9 @@ def test_sampling_through_onnx_gives_the_same_images(tiny, onnx_fp32, onnx_fp16,
     """Same seed, same images as the eager model, up to precision; guidance sends batches of 2B."""
     onnx_ckpt = load_onnx(onnx_fp32 if precision == "fp32" else onnx_fp16, "cpu")
     settings = SampleSettings(sampler=sampler, steps=6, guidance=1.5)
-    kwargs = dict(indices=torch.arange(3), classes=[0, 3], seed=11, batch_size=2, progress=False)
-    want, want_labels = generate(build_runner(tiny, settings, "eager"), **kwargs)
-    got, got_labels = generate(build_runner(onnx_ckpt, settings, "onnx"), **kwargs)
+    kwargs = dict(settings=settings, indices=torch.arange(3), classes=[0, 3], seed=11, progress=False)
+    want, want_labels = generate(build_engine(tiny, "eager", max_batch=2), **kwargs)
+    got, got_labels = generate(build_engine(onnx_ckpt, "onnx", max_batch=2), **kwargs)
     assert (got_labels == want_labels).all()
     assert 0.3 < ((want > 0) & (want < 255)).mean()  # not a comparison of saturated pixels
     assert np.abs(got.astype(int) - want.astype(int)).max() <= max_levels

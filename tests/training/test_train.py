@@ -300,7 +300,7 @@ HAS_EVAL = importlib.util.find_spec("scipy") is not None and fid.packaged_weight
 
 @pytest.mark.skipif(not HAS_EVAL, reason="needs the eval extra (pip install -e '.[eval]'): Inception network, scipy")
 def test_fid_every_logs_the_fid_of_the_ema_model(tmp_path, capsys):
-    from engine.backends import build_runner
+    from engine.backends import build_engine
     from engine.generate import generate
     from engine.sampler import SampleSettings
     # The reference: 20 synthetic training images (the statistic is noisy at this size, but defined).
@@ -313,8 +313,8 @@ def test_fid_every_logs_the_fid_of_the_ema_model(tmp_path, capsys):
     assert [r["fid"] != "" for r in rows] == [False, True, False, True]
     # Step 4's value is the FID of the final EMA model's 10 samples (DDIM 2, w = 1.8, seed 0).
     ckpt = load_checkpoint(out / "model.safetensors")
-    runner = build_runner(ckpt, SampleSettings(sampler="ddim", steps=2, guidance=1.8), "eager")
-    images, labels = generate(runner, torch.arange(10), list(range(10)), seed=0, batch_size=10, progress=False)
+    images, labels = generate(build_engine(ckpt, "eager"), SampleSettings(sampler="ddim", steps=2, guidance=1.8),
+                              torch.arange(10), list(range(10)), seed=0, progress=False)
     assert sorted(labels) == list(range(10))
     expected = fid.frechet_distance(fid.feature_stats(network, [images], progress=False), fid.load_stats(tmp_path / "ref.npz"))
     assert float(rows[-1]["fid"]) == pytest.approx(expected, rel=1e-3)
@@ -327,11 +327,12 @@ def test_fid_every_logs_the_fid_of_the_ema_model(tmp_path, capsys):
 def test_grids_can_use_dpm_solver(tmp_path, capsys):
     from engine.config import PRESETS, DiffusionConfig
     from engine.model import UNet
-    from training.train import training_runner
+    from training.train import training_sampler
 
     config = make_config(tmp_path / "run", sample_sampler="dpm++2m", sample_steps=5)
-    runner = training_runner(UNet(PRESETS["tiny"]), DiffusionConfig(), config, torch.device("cpu"))
-    assert runner.plan.num_steps == 5 and runner.plan.coef_prev_x0.abs().sum() > 0  # the second-order term
+    _, settings = training_sampler(UNet(PRESETS["tiny"]), DiffusionConfig(), config, torch.device("cpu"))
+    plan = settings.plan(DiffusionConfig())
+    assert plan.num_steps == 5 and plan.coef_prev_x0.abs().sum() > 0  # the second-order term
     with pytest.raises(SystemExit) as e:
         train_main(["--device", "cpu", "--preset", "tiny", "--dataset", "synthetic", "--steps", "1",
                     "--sample-sampler", "euler", "--out", str(tmp_path / "x")])
