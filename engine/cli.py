@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import sys
 import zipfile
 from dataclasses import asdict, replace
@@ -14,11 +15,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine import distributed
+from engine import backends, distributed
 from engine.backends import BACKENDS, PRECISIONS, build_engine
 from engine.bench import BENCH_BACKENDS, bench, format_header
 from engine.checkpoint import Checkpoint, CheckpointError, atomic_write, open_checkpoint, save_checkpoint
-from engine.clitools import Parser, UsageError, float_range, int_range, non_negative_float, reported
+from engine.clitools import (
+    MAX_GUIDANCE,
+    Parser,
+    UsageError,
+    float_range,
+    int_range,
+    model_classes,
+    non_negative_float,
+    reported,
+    resolve_guidance,
+)
 from engine.config import PRESETS, ModelConfig
 from engine.datasets import SPLITS, DataError, ImageSource, open_images
 from engine.diffusers_format import load_diffusers, sampling_hint, save_diffusers
@@ -52,6 +63,7 @@ EXAMPLES = """examples:
   ddpm-engine interpolate --class 3 --pairs 2 --frames 9 --out interp
   ddpm-engine sample --checkpoint model.onnx -n 16           # ONNX Runtime (.plan: TensorRT)
   ddpm-engine sample --checkpoint ddpm-cifar10-32 --sampler ddpm --variance small --clip-x0   # a diffusers folder
+  ddpm-engine serve --port 8000                             # HTTP: POST /v1/images, a page at /, /metrics
   ddpm-engine convert --from-diffusers ddpm-cifar10-32 --out ddpm-cifar10.safetensors
   ddpm-engine convert runs/tiny/model.safetensors --to-diffusers tiny-diffusers
   ddpm-engine sample -n 1000 --backend fused --device cuda     # fused U-Net + CUDA graphs, bf16
@@ -63,7 +75,6 @@ EXAMPLES = """examples:
 """
 
 
-MAX_GUIDANCE = 100.0  # far past any useful scale (papers use up to ~10); beyond it images saturate to garbage
 guidance_scale = float_range(0.0, MAX_GUIDANCE)
 SHARD_IMAGES = 1024  # images a shard of a sampling run: what an interrupt can lose, and the largest --batch-size
 
@@ -73,20 +84,23 @@ def build_parser() -> Parser:
                     epilog=EXAMPLES)
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
-    def common(p: argparse.ArgumentParser) -> None:
+    def model_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument("--checkpoint", type=Path, default=None,
                        help="a .safetensors checkpoint, a diffusers UNet2DModel folder, an exported .onnx file "
                             "(ONNX Runtime) or a .plan (TensorRT) (default: the bundled CIFAR-10 model)")
-        p.add_argument("--guidance", "-w", type=guidance_scale, default=None,
-                       help=f"guidance scale w in (1 + w) eps(x, c) - w eps(x, null); 0 = purely conditional "
-                            f"(default: {SAMPLE.guidance:g} for sample, {INTERPOLATION.guidance:g} for interpolate; "
-                            f"0 for a model without a learned null class, e.g. an unconditional one)")
-        p.add_argument("--seed", type=int_range(0, MASK32), default=0, help="run seed (default: 0)")
         p.add_argument("--device", default="auto", help="auto, cpu or cuda[:k] (default: auto)")
         p.add_argument("--backend", choices=BACKENDS, default="auto",
                        help="model implementation (default: auto = fused on CUDA, the fastest correct one on the CPU)")
         p.add_argument("--precision", choices=PRECISIONS, default="auto",
                        help="for fused, eager and compile (default: auto = bf16 on CUDA, fp32 on the CPU)")
+
+    def common(p: argparse.ArgumentParser) -> None:
+        model_flags(p)
+        p.add_argument("--guidance", "-w", type=guidance_scale, default=None,
+                       help=f"guidance scale w in (1 + w) eps(x, c) - w eps(x, null); 0 = purely conditional "
+                            f"(default: {SAMPLE.guidance:g} for sample, {INTERPOLATION.guidance:g} for interpolate; "
+                            f"0 for a model without a learned null class, e.g. an unconditional one)")
+        p.add_argument("--seed", type=int_range(0, MASK32), default=0, help="run seed (default: 0)")
         p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
     sample = commands.add_parser("sample", help="sample N images", epilog=EXAMPLES)
@@ -119,6 +133,24 @@ def build_parser() -> Parser:
     interp.add_argument("--steps", type=int_range(1), default=None,
                         help=f"sampling steps (default: {DDIM_STEPS} for ddim, {DPM_STEPS} for dpm++2m)")
     interp.add_argument("--out", type=Path, default=Path("interpolation"), help="output folder (default: ./interpolation)")
+
+    serve = commands.add_parser("serve", help="serve sampling over HTTP (the `serve` extra)", epilog=SERVE_EXAMPLES)
+    model_flags(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    serve.add_argument("--port", type=int_range(0, 65535), default=8000, help="default: 8000")
+    serve.add_argument("--token", default=None,
+                       help="require `Authorization: Bearer TOKEN` on every endpoint but /healthz "
+                            "(default: $DDPM_SERVE_TOKEN, else none)")
+    serve.add_argument("--batch-size", type=int_range(1, SHARD_IMAGES), default=None,
+                       help="images in an engine step, over all requests (default: 256 on a GPU, 32 on the CPU)")
+    serve.add_argument("--max-images", type=int_range(1), default=256, help="images a request may ask for (default: 256)")
+    serve.add_argument("--max-queue", type=int_range(1), default=64,
+                       help="requests waiting for slots; more are answered 429 (default: 64)")
+    serve.add_argument("--grace", type=non_negative_float, default=30.0,
+                       help="seconds SIGTERM gives in-flight requests to finish (default: 30)")
+    serve.add_argument("--admission", choices=["step", "request"], default="step",
+                       help="step: requests join the batch at any step (default); request: whole-request batching, "
+                            "the baseline of benchmarks/bench_serve.py")
 
     bench_cmd = commands.add_parser("bench", help="per-step latency and images/s of each backend, same run",
                                     epilog=EXAMPLES)
@@ -177,6 +209,15 @@ def build_parser() -> Parser:
     return parser
 
 
+SERVE_EXAMPLES = """examples:
+  ddpm-engine serve                                           # the bundled model on http://127.0.0.1:8000/
+  ddpm-engine serve --checkpoint runs/tiny/model.safetensors --host 0.0.0.0 --port 8080 --token s3cret
+  curl -s localhost:8000/v1/images -d '{"classes": ["cat", "ship"], "n": 4, "guidance": 1.8}'   # JSON, base64 PNGs
+  curl -s localhost:8000/v1/images -H 'Accept: image/png' -d '{"class": "horse", "n": 16}' -o grid.png
+  curl -sN localhost:8000/v1/images -H 'Accept: text/event-stream' -d '{"n": 10}'   # progress and images as they finish
+"""
+
+
 def batch_list(text: str) -> list[int]:
     parse = int_range(2)
     sizes = [parse(item) for item in text.split(",")]
@@ -203,21 +244,6 @@ def open_model(path: Path | None, device: torch.device) -> Checkpoint:
     return open_checkpoint(path, device)
 
 
-def parse_classes(text: str | None, class_names: tuple[str, ...]) -> list[int]:
-    if text is None:
-        return list(range(len(class_names)))
-    classes = []
-    for item in text.split(","):
-        item = item.strip()
-        if item in class_names:
-            classes.append(class_names.index(item))
-        elif item.isdigit() and int(item) < len(class_names):
-            classes.append(int(item))
-        else:
-            raise UsageError(f"unknown class {item!r}; this model has 0..{len(class_names) - 1}: {', '.join(class_names)}")
-    return classes
-
-
 def model_digest(path: Path) -> str:
     """sha256 of a checkpoint file (or of every file of a checkpoint folder): what a run's images depend on."""
     files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
@@ -226,28 +252,6 @@ def model_digest(path: Path) -> str:
         with open(file, "rb") as f:
             digest.update(hashlib.file_digest(f, "sha256").digest())
     return digest.hexdigest()
-
-
-def model_classes(text: str | None, ckpt: Checkpoint, flag: str = "--classes", default: str | None = None) -> list[int]:
-    """The labels named by a class flag (`default` when not given; None: every class); for an
-    unconditional model, its one label."""
-    if ckpt.config.num_classes == 0:
-        if text is not None:
-            raise UsageError(f"this model is unconditional: it has no classes to pick with {flag}")
-        return [ckpt.config.null_class]
-    return parse_classes(default if text is None else text, ckpt.class_names)
-
-
-def resolve_guidance(flag: float | None, default: float, config: ModelConfig) -> float:
-    """--guidance, else the command's default; a model without a learned null class (an unconditional
-    or an imported class-conditional one) has nothing to guide away from: 0, and any other scale refused."""
-    if config.guidable:
-        return default if flag is None else flag
-    if flag:
-        why = ("this model is unconditional" if config.num_classes == 0
-               else "this model has no learned null class (an imported class-conditional model)")
-        raise UsageError(f"{why}: --guidance must be 0")
-    return 0.0
 
 
 def cmd_sample(args) -> None:
@@ -317,6 +321,23 @@ def cmd_interpolate(args) -> None:
         rows = [frames[i:i + args.frames] for i in range(0, len(frames), args.frames)]
         save_png(stage / "interpolation.png", grid(rows), scale=2)
     print(f"wrote {args.out}/interpolation.png (rows: lerp then slerp for each of {args.pairs} pair(s))")
+
+
+def cmd_serve(args) -> None:
+    try:
+        from engine.serve import ServeOptions, serve
+    except ModuleNotFoundError as e:
+        raise UsageError(f"ddpm-engine serve needs the serve extra ({e.name} is missing): "
+                         f"pip install -e '.[serve]'") from None
+    if args.token is None:
+        args.token = os.environ.get("DDPM_SERVE_TOKEN") or None
+    device = distributed.resolve_device(args.device)
+    ckpt = open_model(args.checkpoint, device)
+    # A server runs for long: auto on the CPU takes ONNX Runtime, whose export pays back within minutes.
+    engine = build_engine(ckpt, args.backend, device, args.precision, max_batch=args.batch_size,
+                          image_steps=backends.ONNX_MIN_IMAGE_STEPS, admission=args.admission)
+    serve(ckpt, engine, ServeOptions(host=args.host, port=args.port, token=args.token, max_images=args.max_images,
+                                     max_queue=args.max_queue, grace_s=args.grace))
 
 
 def describe(ckpt: Checkpoint) -> str:
@@ -440,7 +461,7 @@ def cmd_fid_ref(args) -> None:
     print(f"wrote {args.out}: statistics of {stats.count} images ({stats.source}{score}; {network.backend})")
 
 
-COMMANDS = {"sample": cmd_sample, "interpolate": cmd_interpolate, "convert": cmd_convert, "bench": cmd_bench,
+COMMANDS = {"sample": cmd_sample, "interpolate": cmd_interpolate, "serve": cmd_serve, "convert": cmd_convert, "bench": cmd_bench,
             "fid": cmd_fid, "fid-ref": cmd_fid_ref}
 
 

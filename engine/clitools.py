@@ -1,6 +1,7 @@
-"""What the three command lines (`ddpm-engine`, `ddpm-export`, `ddpm-train`) share: a parser
-whose usage errors are one line, validators for flag values, and the `main()` wrapper that
-turns an expected failure into one `PROG: error: ...` line and a non-zero exit."""
+"""What the three command lines (`ddpm-engine`, `ddpm-export`, `ddpm-train`) and the server share: a
+parser whose usage errors are one line, validators for flag values (and for the classes and guidance
+a sampling request names), and the `main()` wrapper that turns an expected failure into one
+`PROG: error: ...` line and a non-zero exit."""
 
 from __future__ import annotations
 
@@ -10,8 +11,13 @@ import math
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
+if TYPE_CHECKING:
+    from engine.checkpoint import Checkpoint
+    from engine.config import ModelConfig
+
+MAX_GUIDANCE = 100.0  # far past any useful scale (papers use up to ~10); beyond it images saturate to garbage
 MAX_MESSAGE = 300  # characters of an error line: a message never echoes a whole file or flag back
 
 
@@ -99,6 +105,43 @@ positive_float = float_range(0.0, lo_open=True)
 unit_float = float_range(0.0, 1.0)
 below_one = float_range(0.0, 1.0, hi_open=True)
 at_least_one = float_range(1.0)
+
+
+def parse_classes(text: str | None, class_names: tuple[str, ...]) -> list[int]:
+    if text is None:
+        return list(range(len(class_names)))
+    classes = []
+    for item in text.split(","):
+        item = item.strip()
+        if item in class_names:
+            classes.append(class_names.index(item))
+        elif item.isdigit() and int(item) < len(class_names):
+            classes.append(int(item))
+        else:
+            raise UsageError(f"unknown class {item!r}; this model has 0..{len(class_names) - 1}: {', '.join(class_names)}")
+    return classes
+
+
+def model_classes(text: str | None, ckpt: Checkpoint, flag: str = "--classes", default: str | None = None) -> list[int]:
+    """The labels named by a class flag (`default` when not given; None: every class); for an
+    unconditional model, its one label."""
+    if ckpt.config.num_classes == 0:
+        if text is not None:
+            raise UsageError(f"this model is unconditional: it has no classes to pick with {flag}")
+        return [ckpt.config.null_class]
+    return parse_classes(default if text is None else text, ckpt.class_names)
+
+
+def resolve_guidance(flag: float | None, default: float, config: ModelConfig) -> float:
+    """--guidance, else the command's default; a model without a learned null class (an unconditional
+    or an imported class-conditional one) has nothing to guide away from: 0, and any other scale refused."""
+    if config.guidable:
+        return default if flag is None else flag
+    if flag:
+        why = ("this model is unconditional" if config.num_classes == 0
+               else "this model has no learned null class (an imported class-conditional model)")
+        raise UsageError(f"{why}: --guidance must be 0")
+    return 0.0
 
 
 def console_main(prog: str, module: str) -> int:

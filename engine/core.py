@@ -64,6 +64,7 @@ class Request:
     keys: torch.Tensor                        # int64 (n,): engine.noise.image_keys(seed, indices)
     x_T: torch.Tensor | None = None           # (n, C, H, W), else drawn from the keys
     on_progress: Callable[[Request, int], object] | None = None  # (request, image-steps just taken), engine thread
+    on_image: Callable[[Request, int], object] | None = None     # (request, image index) as each image finishes
     on_done: Callable[[Request], object] | None = None           # engine thread
     images: torch.Tensor | None = field(default=None, repr=False)  # x_0, float32 on the engine's device, when done
     error: BaseException | None = None
@@ -356,6 +357,8 @@ class Engine:
                 request.images = torch.empty(request.n, *self.shape, device=self.device)
             request.images[row.image] = x[j]
             request.finished += 1
+            if request.on_image is not None:
+                request.on_image(request, row.image)
             if request.finished == request.n:
                 self._finish(request)
         self._rebuild([k for k, row in enumerate(self._rows) if row.remaining > 0], [])

@@ -1,0 +1,453 @@
+"""`ddpm-engine serve`: the sampling engine behind HTTP (Starlette on uvicorn).
+
+One engine thread owns the model and runs `Engine.serve_forever`; HTTP handlers (the event loop)
+parse and check a request, submit it to the engine and await it, so the loop never waits on the
+model. Rows of every client's requests share the engine's steps (engine/core.py): a request that
+arrives while others run joins at the next step with free slots.
+
+    POST /v1/images   {"classes": [...] | "class": c, "n", "guidance", "sampler", "steps", "seed",
+                       "eta", "spacing", "variance", "clip_x0"}: the names, defaults and ranges of
+                      `ddpm-engine sample`'s flags; image i has class classes[i % len(classes)] and
+                      the noise of (seed, i), so it equals image i of `ddpm-engine sample` with the
+                      same flags. Answers a JSON list of base64 PNGs and the settings used,
+                      `Accept: image/png` a grid (one row per class), `Accept: text/event-stream`
+                      server-sent events: progress (step k of S), each image as it finishes, done.
+    GET /v1/model     the classes, defaults and limits (what the page builds its form from)
+    GET /healthz      liveness;  GET /readyz: model loaded, engine running, not draining
+    GET /metrics      Prometheus text (prometheus-client)
+    GET /             a small page: pick classes and guidance, watch the grid fill in
+
+Errors are one line of JSON, {"error": "..."}, with a 4xx status for bad input (400 malformed,
+413 too large, 422 out of range or unknown, 401 without the --token, 429 with Retry-After when
+the queue is full, 503 while draining); a client that disconnects cancels its request, whose
+rows leave the batch at the next step. SIGTERM stops admitting, lets in-flight requests finish
+(up to --grace seconds) and exits 0. The server keeps no state between requests: replicas
+behind any HTTP load balancer scale it out (README, "Serve").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import logging
+import math
+import threading
+import time
+from dataclasses import asdict, dataclass
+from importlib import resources
+
+import numpy as np
+import torch
+import uvicorn
+from PIL import Image
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request as HttpRequest
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from engine.checkpoint import Checkpoint
+from engine.clitools import MAX_GUIDANCE, UsageError, model_classes, one_line, resolve_guidance
+from engine.core import Engine, EngineClosed, NonFiniteImages, Request
+from engine.generate import labels_for, to_uint8
+from engine.images import class_rows, grid
+from engine.noise import MASK32, image_keys
+from engine.sampler import SAMPLERS, SPACINGS, VARIANCES, SampleSettings
+
+SAMPLE = SampleSettings()  # the defaults, as `ddpm-engine sample` reads them
+log = logging.getLogger("ddpm-engine.serve")
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    token: str | None = None     # bearer token every endpoint but /healthz requires
+    max_images: int = 256        # images a request may ask for
+    max_queue: int = 64          # requests waiting for slots; more are answered 429
+    max_body: int = 16 * 1024    # bytes of a request body
+    grace_s: float = 30.0        # what SIGTERM gives in-flight requests
+
+
+class BadRequest(Exception):
+    """A request the server refuses: its status and one line saying why."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.headers = status, headers
+
+
+def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": one_line(message)}, status_code=status, headers=headers)
+
+
+@dataclass
+class Job:
+    """One parsed POST /v1/images: what the engine runs and what the answer says."""
+
+    settings: SampleSettings
+    classes: list[int]
+    n: int
+    seed: int
+
+
+FIELDS = {"class", "classes", "n", "guidance", "sampler", "steps", "seed", "eta", "spacing", "variance", "clip_x0"}
+
+
+def parse_job(body: object, ckpt: Checkpoint, max_images: int) -> Job:
+    """The request body as a Job, with the CLI's names, defaults and ranges; BadRequest(422) says what is wrong."""
+    if not isinstance(body, dict):
+        raise BadRequest(422, "the body must be a JSON object")
+    unknown = sorted(set(body) - FIELDS)
+    if unknown:
+        raise BadRequest(422, f"unknown field {unknown[0]!r}; use {', '.join(sorted(FIELDS))}")
+
+    def get(name, kind, default, lo=None, hi=None, choices=None):
+        value = body.get(name, default)
+        if value is None or value is default:
+            return value
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise BadRequest(422, f"{name} must be {'a number' if kind is float else kind.__name__}")
+        if kind is float and not math.isfinite(value):
+            raise BadRequest(422, f"{name} must be finite")
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            raise BadRequest(422, f"{name} {value} is out of range [{lo}, {hi}]")
+        if choices is not None and value not in choices:
+            raise BadRequest(422, f"unknown {name} {value!r}; use {', '.join(choices)}")
+        return value
+
+    if "class" in body and "classes" in body:
+        raise BadRequest(422, "give class or classes, not both")
+    picked = body.get("classes", body.get("class"))
+    if picked is not None:
+        items = picked if isinstance(picked, list) else [picked]
+        if not items or not all(isinstance(c, (str, int)) and not isinstance(c, bool) for c in items):
+            raise BadRequest(422, "classes must be a non-empty list of class names or indices")
+        picked = ",".join(str(c) for c in items)
+    try:
+        classes = model_classes(picked, ckpt, flag="classes")
+        guidance = resolve_guidance(get("guidance", float, None, 0.0, MAX_GUIDANCE), SAMPLE.guidance, ckpt.config)
+    except UsageError as e:
+        raise BadRequest(422, str(e).replace("--guidance", "guidance")) from None
+    T = ckpt.diffusion.num_timesteps
+    settings = SampleSettings(
+        sampler=get("sampler", str, SAMPLE.sampler, choices=SAMPLERS), steps=get("steps", int, SAMPLE.steps, 1, T),
+        eta=get("eta", float, SAMPLE.eta, 0.0, 1e3), variance=get("variance", str, SAMPLE.variance, choices=VARIANCES),
+        spacing=get("spacing", str, SAMPLE.spacing, choices=SPACINGS), guidance=guidance,
+        clip_x0=get("clip_x0", bool, SAMPLE.clip_x0))
+    n = get("n", int, None, 1, max_images)
+    n = n if n is not None else min(10 * len(classes), max_images)
+    return Job(settings, classes, n, get("seed", int, 0, 0, MASK32))
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def png_base64(image: np.ndarray) -> str:
+    return base64.b64encode(png_bytes(image)).decode("ascii")
+
+
+class Metrics:
+    """What /metrics exports, in the server's own registry."""
+
+    def __init__(self, engine: Engine):
+        self.registry = registry = CollectorRegistry()
+        Gauge("ddpm_queue_depth", "requests waiting for slots", registry=registry).set_function(lambda: engine.queued)
+        Gauge("ddpm_active_slots", "rows (images) in the engine's batch", registry=registry).set_function(
+            lambda: engine.active)
+        Gauge("ddpm_max_slots", "the engine's largest batch (images)", registry=registry).set(engine.max_batch)
+        batch_buckets = sorted({2**k for k in range(int(math.log2(engine.max_batch)) + 1)} | {engine.max_batch})
+        self.batch = Histogram("ddpm_batch_rows", "images in an engine step (the U-Net sees up to twice as many)",
+                               buckets=batch_buckets, registry=registry)
+        self.latency = Histogram("ddpm_request_latency_seconds", "POST /v1/images, arrival to answer",
+                                 buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250), registry=registry)
+        self.images = Counter("ddpm_images", "images generated", registry=registry)
+        self.steps = Counter("ddpm_engine_steps", "engine steps run", registry=registry)
+        self.rejected = Counter("ddpm_rejected_requests", "requests refused, by reason", ["reason"], registry=registry)
+        self.cancelled = Counter("ddpm_cancelled_requests", "requests whose client went away", registry=registry)
+        self._recent: list[tuple[float, int]] = []
+        Gauge("ddpm_images_per_second", "images finished over the last 10 s", registry=registry).set_function(
+            self.images_per_s)
+        self._lock = threading.Lock()
+
+    def on_step(self, rows: int) -> None:
+        self.batch.observe(rows)
+        self.steps.inc()
+
+    def finished(self, count: int) -> None:
+        self.images.inc(count)
+        with self._lock:
+            self._recent.append((time.monotonic(), count))
+
+    def images_per_s(self, window_s: float = 10.0) -> float:
+        now = time.monotonic()
+        with self._lock:
+            self._recent = [(t, c) for t, c in self._recent if now - t <= window_s]
+            return sum(c for _, c in self._recent) / window_s
+
+
+class Service:
+    """The engine thread, and what the handlers share."""
+
+    def __init__(self, ckpt: Checkpoint, engine: Engine, options: ServeOptions):
+        self.ckpt, self.engine, self.options = ckpt, engine, options
+        self.metrics = Metrics(engine)
+        engine.on_step = self.metrics.on_step
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="ddpm-engine", daemon=True)
+        self.draining = False
+        self.step_s = 0.0  # a moving average of an engine step's wall time, for Retry-After
+
+    def _run(self) -> None:
+        previous = time.perf_counter()
+
+        def timed(rows: int) -> None:
+            nonlocal previous
+            now = time.perf_counter()
+            self.step_s = 0.9 * self.step_s + 0.1 * (now - previous) if self.step_s else now - previous
+            previous = now
+            self.metrics.on_step(rows)
+
+        self.engine.on_step = timed
+        try:
+            self.engine.serve_forever(self.stop)
+        except BaseException:  # noqa: BLE001 - the thread's end must be visible to /readyz and the log
+            log.exception("the engine thread stopped")
+            raise
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def ready(self) -> bool:
+        return self.thread.is_alive() and not self.draining
+
+    def shutdown(self) -> None:
+        """Stop admitting; let submitted work finish (within the grace period), then stop the thread."""
+        self.draining = True
+        self.engine.close()
+        self.stop.set()
+        self.thread.join(self.options.grace_s)
+
+    def submit(self, job: Job, loop: asyncio.AbstractEventLoop,
+               events: asyncio.Queue | None = None) -> tuple[Request, asyncio.Future]:
+        """Queue a job on the engine: (its Request, a future set on the event loop when it ends); with
+        `events`, its progress and each finished image arrive there too."""
+        if self.draining:
+            raise BadRequest(503, "the server is shutting down")
+        if self.engine.queued >= self.options.max_queue:
+            self.metrics.rejected.labels("queue_full").inc()
+            wait = self.step_s * max(1, self.engine.queued) * job.settings.num_steps(self.ckpt.diffusion.num_timesteps)
+            raise BadRequest(429, f"the queue is full ({self.options.max_queue} requests); retry later",
+                             {"Retry-After": str(max(1, math.ceil(wait)))})
+        indices = torch.arange(job.n)
+        done = loop.create_future()
+
+        def notify(item) -> None:
+            if events is not None:
+                loop.call_soon_threadsafe(events.put_nowait, item)
+
+        def on_done(request: Request) -> None:
+            if request.error is None and not request.cancelled:
+                self.metrics.finished(request.n)
+            loop.call_soon_threadsafe(lambda: done.done() or done.set_result(request))
+            notify(("done", None))
+
+        request = Request(job.settings, labels_for(indices, job.classes), image_keys(job.seed, indices),
+                          on_progress=lambda r, _: notify(("progress", r.steps_done)),
+                          on_image=lambda r, i: notify(("image", i)), on_done=on_done)
+        try:
+            self.engine.submit(request)
+        except EngineClosed:
+            raise BadRequest(503, "the server is shutting down") from None
+        return request, done
+
+
+def answer_of(job: Job, request: Request, ckpt: Checkpoint) -> dict:
+    return {"n": job.n, "seed": job.seed, "settings": asdict(job.settings),
+            "labels": request.labels.tolist(), "class_names": [ckpt.class_names[c] for c in request.labels.tolist()]
+            if ckpt.class_names else []}
+
+
+async def read_json(http: HttpRequest, limit: int) -> object:
+    """The body as JSON; 413 past `limit` bytes (checked while reading), 400 if it is not JSON."""
+    declared = http.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise BadRequest(413, f"the body is over {limit} bytes")
+    body = bytearray()
+    async for chunk in http.stream():
+        body += chunk
+        if len(body) > limit:
+            raise BadRequest(413, f"the body is over {limit} bytes")
+    try:
+        return json.loads(body or b"{}")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BadRequest(400, f"the body is not valid JSON: {e}") from None
+
+
+async def disconnected(http: HttpRequest) -> None:
+    """Returns when the client goes away (the body has been read, so receive() only reports that)."""
+    while True:
+        message = await http.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def build_app(service: Service):
+    ckpt, options, metrics = service.ckpt, service.options, service.metrics
+    page = resources.files("engine").joinpath("serve_page.html").read_text()
+
+    async def images(http: HttpRequest) -> Response:
+        started = time.perf_counter()
+        job = parse_job(await read_json(http, options.max_body), ckpt, options.max_images)
+        accept = http.headers.get("accept", "")
+        loop = asyncio.get_running_loop()
+        if "text/event-stream" in accept:
+            events: asyncio.Queue = asyncio.Queue()
+            request, _ = service.submit(job, loop, events)
+            return StreamingResponse(stream(job, request, events, started), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-store"})
+        request, done = service.submit(job, loop)
+        gone = asyncio.ensure_future(disconnected(http))
+        try:
+            await asyncio.wait({done, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if not done.done():  # the client went away: free its slots
+            request.cancel()
+            metrics.cancelled.inc()
+            return Response(status_code=499)
+        if request.error is not None:
+            return failed(request.error)
+        x = to_uint8(request.images)
+        metrics.latency.observe(time.perf_counter() - started)
+        if "image/png" in accept and "application/json" not in accept:
+            labels = request.labels.numpy()
+            picture = grid(class_rows(x, labels, job.classes))
+            return Response(png_bytes(picture), media_type="image/png")
+        return JSONResponse({**answer_of(job, request, ckpt), "images": [png_base64(image) for image in x]})
+
+    async def stream(job: Job, request: Request, events: asyncio.Queue, started: float):
+        """Server-sent events: `progress` {step, steps, images_done, n}, `image` {index, label, png}, `done`
+        {settings...} or `error` {error}. A client that goes away cancels the request."""
+        def event(kind: str, data: dict) -> str:
+            return f"event: {kind}\ndata: {json.dumps(data)}\n\n"
+
+        steps = request.num_steps
+        try:
+            yield event("start", answer_of(job, request, ckpt))
+            while True:
+                kind, value = await events.get()
+                if kind == "progress":
+                    yield event("progress", {"step": min(steps, value // job.n), "steps": steps,
+                                             "images_done": request.finished, "n": job.n})
+                elif kind == "image":
+                    image = to_uint8(request.images[value:value + 1])[0]
+                    yield event("image", {"index": value, "label": int(request.labels[value]),
+                                          "png": png_base64(image)})
+                else:
+                    if request.error is not None:
+                        yield event("error", {"error": one_line(request.error)})
+                    else:
+                        metrics.latency.observe(time.perf_counter() - started)
+                        yield event("done", answer_of(job, request, ckpt))
+                    return
+        finally:
+            if not request.done:
+                request.cancel()
+                metrics.cancelled.inc()
+
+    def failed(error: BaseException) -> Response:
+        if isinstance(error, NonFiniteImages):
+            return error_response(500, str(error))
+        log.error("a request failed: %s", one_line(error) or type(error).__name__)
+        return error_response(500, f"sampling failed: {one_line(error) or type(error).__name__}")
+
+    async def model(http: HttpRequest) -> Response:
+        config = ckpt.config
+        return JSONResponse({
+            "classes": list(ckpt.class_names), "image_size": config.image_size, "guidable": config.guidable,
+            "num_timesteps": ckpt.diffusion.num_timesteps, "engine": service.engine.name,
+            "defaults": {**asdict(SAMPLE), "n_per_class": 10}, "samplers": list(SAMPLERS), "spacings": list(SPACINGS),
+            "limits": {"n": options.max_images, "guidance": MAX_GUIDANCE, "steps": ckpt.diffusion.num_timesteps,
+                       "seed": MASK32}})
+
+    async def healthz(http: HttpRequest) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(http: HttpRequest) -> Response:
+        if service.ready():
+            return JSONResponse({"status": "ready", "engine": service.engine.name})
+        return error_response(503, "draining" if service.draining else "the engine is not running")
+
+    async def metrics_text(http: HttpRequest) -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def index(http: HttpRequest) -> Response:
+        return HTMLResponse(page)
+
+    async def bad_request(http: HttpRequest, error: BadRequest) -> Response:
+        if error.status != 429:  # counted where the queue refused it
+            metrics.rejected.labels("draining" if error.status == 503 else "invalid").inc()
+        return error_response(error.status, str(error), error.headers)
+
+    async def http_error(http: HttpRequest, error: HTTPException) -> Response:
+        return error_response(error.status_code, error.detail, getattr(error, "headers", None))
+
+    class Guard:
+        """The bearer token (every path but /healthz) as ASGI middleware, before any body is read."""
+
+        def __init__(self, app):
+            self.app = app
+
+        async def __call__(self, scope, receive, send):
+            if scope["type"] == "http" and options.token is not None and scope["path"] != "/healthz":
+                headers = dict(scope["headers"])
+                if headers.get(b"authorization", b"").decode("latin-1") != f"Bearer {options.token}":
+                    metrics.rejected.labels("unauthorized").inc()
+                    response = error_response(401, "missing or wrong bearer token",
+                                              {"WWW-Authenticate": 'Bearer realm="ddpm-engine"'})
+                    return await response(scope, receive, send)
+            return await self.app(scope, receive, send)
+
+    app = Starlette(routes=[
+        Route("/", index), Route("/healthz", healthz), Route("/readyz", readyz),
+        Route("/metrics", metrics_text), Route("/v1/model", model), Route("/v1/images", images, methods=["POST"]),
+    ], exception_handlers={BadRequest: bad_request, HTTPException: http_error})
+    return Guard(app)  # anything else raised is a bug: uvicorn answers 500 and logs its traceback
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server; a SIGTERM or Ctrl-C also marks the service as draining (/readyz 503, new
+    requests 503) while uvicorn stops listening and lets open requests finish."""
+
+    def __init__(self, config: uvicorn.Config, service: Service):
+        super().__init__(config)
+        self.service = service
+
+    def handle_exit(self, sig, frame) -> None:
+        self.service.draining = True
+        super().handle_exit(sig, frame)
+
+
+def serve(ckpt: Checkpoint, engine: Engine, options: ServeOptions) -> None:
+    """Run the server until SIGTERM or Ctrl-C; in-flight requests get options.grace_s to finish."""
+    service = Service(ckpt, engine, options)
+    service.start()
+    app = build_app(service)
+    config = uvicorn.Config(app, host=options.host, port=options.port, log_level="info", access_log=False,
+                            timeout_graceful_shutdown=int(options.grace_s), lifespan="off")
+    server = DrainingServer(config, service)
+    print(f"serving {engine.name} on http://{options.host}:{options.port}/ (max batch {engine.max_batch} images)",
+          flush=True)
+    try:
+        server.run()
+    finally:
+        service.shutdown()
