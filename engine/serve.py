@@ -435,6 +435,9 @@ class DrainingServer(uvicorn.Server):
     def handle_exit(self, sig, frame) -> None:
         self.service.draining = True
         super().handle_exit(sig, frame)
+        # uvicorn re-raises a captured signal once it has shut down, so the process would die of it
+        # (status -15); a server that drained as asked exits 0.
+        self._captured_signals.clear()
 
 
 def serve(ckpt: Checkpoint, engine: Engine, options: ServeOptions) -> None:
