@@ -182,22 +182,6 @@ def check_tensors(path: Path, tensors: dict[str, dict], data_size: int, config: 
         raise CheckpointError(f"{path}: tensors overlap in the file")
 
 
-def open_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> Checkpoint:
-    """A checkpoint of any kind: a folder is a diffusers UNet2DModel (engine.diffusers_format); a
-    file by its suffix: an exported .onnx file (ONNX Runtime), a .plan (TensorRT), else a .safetensors checkpoint."""
-    if Path(path).is_dir():
-        from engine.diffusers_format import load_diffusers
-        return load_diffusers(path, device)
-    match Path(path).suffix:
-        case ".onnx":
-            from engine.runtimes.onnx import load_onnx
-            return load_onnx(path, device)
-        case ".plan":
-            from engine.runtimes.tensorrt import load_plan
-            return load_plan(path, device)
-    return load_checkpoint(path, device)
-
-
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> Checkpoint:
     """Rebuild the model from the file alone; weights come back in float32, in eval mode.
 

@@ -18,7 +18,7 @@ import torch
 from engine import backends, distributed
 from engine.backends import BACKENDS, PRECISIONS, build_engine
 from engine.bench import BENCH_BACKENDS, bench, format_header
-from engine.checkpoint import Checkpoint, CheckpointError, atomic_write, open_checkpoint, save_checkpoint
+from engine.checkpoint import Checkpoint, CheckpointError, atomic_write, load_checkpoint, save_checkpoint
 from engine.clitools import (
     MAX_GUIDANCE,
     Parser,
@@ -232,6 +232,21 @@ def backend_list(text: str) -> list[str]:
     if unknown:
         raise argparse.ArgumentTypeError(f"unknown backend {unknown[0]!r}; use {','.join(BENCH_BACKENDS)}")
     return names
+
+
+def open_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
+    """A checkpoint of any kind: a folder is a diffusers UNet2DModel (engine.diffusers_format); a
+    file by its suffix: an exported .onnx file (ONNX Runtime), a .plan (TensorRT), else a .safetensors checkpoint."""
+    if Path(path).is_dir():
+        return load_diffusers(path, device)
+    match Path(path).suffix:
+        case ".onnx":
+            from engine.runtimes.onnx import load_onnx  # onnxruntime is an extra: imported when asked for
+            return load_onnx(path, device)
+        case ".plan":
+            from engine.runtimes.tensorrt import load_plan
+            return load_plan(path, device)
+    return load_checkpoint(path, device)
 
 
 def open_model(path: Path | None, device: torch.device) -> Checkpoint:

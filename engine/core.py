@@ -4,8 +4,8 @@ An `Engine` owns a set of slots, the rows of the U-Net batch. Each slot holds on
 request (`Request`): its x_t, its position in its own sampler plan, its class label, its
 guidance w, its noise key and DPM-Solver++(2M)'s previous x0_hat. One engine step (`Engine.step`):
 
-    admit      fill free slots from the waiting requests, round-robin (a 1-image request waits
-               for free slots, never for a big request to end)
+    admit      fill free slots from the waiting requests, fewest rows admitted so far first (a
+               1-image request waits for free slots, never for a big request to end)
     eps        ONE model call on the conditional rows plus the unconditional rows of those with
                w != 0 (rows are kept guided-first, so those are x[:g]); per row
                eps = (1 + w) eps(x, c) - w eps(x, null)  (Ho & Salimans 2022, Eq. 6)
@@ -30,6 +30,7 @@ and then every row also computes its unconditional half (w = 0 rows weigh it by 
 from __future__ import annotations
 
 import collections
+import itertools
 import queue
 import threading
 from dataclasses import dataclass, field, replace
@@ -73,6 +74,7 @@ class Request:
     finished: int = 0                         # rows that have left it with their x_0
     steps_done: int = 0                       # image-steps taken
     num_steps: int = 0                        # S of this request's plan (set on submit)
+    sequence: int = 0                         # arrival order (set on submit)
     _done: threading.Event = field(default_factory=threading.Event, repr=False)
 
     @property
@@ -151,7 +153,7 @@ class Engine:
     """The step-level batcher over one eps model; built by engine.backends.build_engine.
 
     max_batch: the most rows (images) in a step; the U-Net sees up to twice as many under
-    guidance. admission: "step" (rows join at any step, round-robin over requests) or "request"
+    guidance. admission: "step" (rows join at any step; fair across requests, see _admit) or "request"
     (whole-request batching: new rows join only when the batch is empty, in arrival order; kept
     as the baseline of benchmarks/bench_serve.py).
     """
@@ -173,6 +175,7 @@ class Engine:
         self._rows: list[_Row] = []
         self._state: dict[str, torch.Tensor] = {}
         self._closed = False
+        self._arrivals = itertools.count()
         self.steps_run = 0
         self.on_step: Callable[[int], object] | None = None  # (rows in the step), engine thread: metrics
 
@@ -187,6 +190,7 @@ class Engine:
             raise ValueError(f"x_T must have shape {(request.n, *self.shape)}")
         if self._closed:
             raise EngineClosed("the engine is shutting down")
+        request.sequence = next(self._arrivals)
         self._incoming.put(request)
         return request
 
@@ -308,9 +312,11 @@ class Engine:
     # -- membership --------------------------------------------------------------------------------------
 
     def _admit(self) -> None:
-        """Drop cancelled requests' rows; fill free slots (round-robin over waiting requests)."""
-        cancelled = [r for r in self._waiting if r.cancelled]
-        for request in cancelled:
+        """Drop cancelled requests' rows; fill free slots. Step admission: requests with the fewest rows
+        admitted so far first (a new request before one that is streaming through the batch), then by
+        arrival, each taking what it needs of what is free; so small requests run whole and at once, and
+        a big one takes what the others leave. Request admission: only into an empty batch, by arrival."""
+        for request in [r for r in self._waiting if r.cancelled]:
             self._waiting.remove(request)
             self._finish(request, error=None)
         keep = [k for k, row in enumerate(self._rows) if not row.request.cancelled]
@@ -321,27 +327,28 @@ class Engine:
         free = self.max_batch - len(keep)
         if self.admission == "request" and keep:
             free = 0
-        while free > 0 and self._waiting:
-            request = self._waiting.popleft()
-            if request.admitted == 0 and request.n == 0:
+        if free > 0 and self.admission == "step":
+            self._waiting = collections.deque(sorted(self._waiting, key=lambda r: (r.admitted, r.sequence)))
+        for request in list(self._waiting):
+            if request.n == 0:
+                self._waiting.remove(request)
                 self._finish(request)
                 continue
+            if free == 0:
+                break
             key = self.table.key(request.settings)
             if not self.table.fits(key):
-                live = {self._rows[k].key for k in keep} | {row.key for row in new}
-                self.table.keep_only(live)
+                self.table.keep_only({self._rows[k].key for k in keep} | {row.key for row in new})
                 compacted = True
                 if not self.table.fits(key):  # every entry is in use: wait for rows to leave
-                    self._waiting.appendleft(request)
                     break
             self.table.offset(key)
-            take = 1 if self.admission == "step" else min(free, request.n - request.admitted)
-            for _ in range(take):
-                new.append(_Row(request, request.admitted, key, request.num_steps))
-                request.admitted += 1
+            take = min(free, request.n - request.admitted)
+            new += [_Row(request, request.admitted + j, key, request.num_steps) for j in range(take)]
+            request.admitted += take
             free -= take
-            if request.admitted < request.n:
-                self._waiting.append(request) if self.admission == "step" else self._waiting.appendleft(request)
+            if request.admitted == request.n:
+                self._waiting.remove(request)
         if new or compacted or len(keep) != len(self._rows):
             self._rebuild(keep, new)
 

@@ -21,8 +21,8 @@ from safetensors.torch import load_file, save_file
 diffusers = pytest.importorskip("diffusers", reason="the diffusers parity tests need diffusers (the `test` extra)")
 
 from engine.backends import build_engine
-from engine.checkpoint import CheckpointError, load_checkpoint, open_checkpoint, save_checkpoint
-from engine.cli import main
+from engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from engine.cli import main, open_checkpoint
 from engine.config import PRESETS, DiffusionConfig
 from engine.diffusers_format import SCHEDULER_DEFAULTS, UNET_DEFAULTS, load_diffusers, model_config, save_diffusers
 from engine.diffusion import make_betas
