@@ -398,7 +398,6 @@ class Engine:
             index = torch.tensor(keep, device=device)
             parts = {name: old[name][index] for name in ("x", "x0")}
         if new:
-            labels = torch.stack([row.request.labels[row.image] for row in new]).to(device)
             keys = torch.stack([row.request.keys[row.image] for row in new]).to(device)
             x_T = gaussian_noise(keys, INITIAL_STREAM, self.shape)
             for k, row in enumerate(new):
