@@ -134,8 +134,8 @@ def configs_from_metadata(metadata: dict[str, str], path: str | os.PathLike
     return config, diffusion, tuple(class_names)
 
 
-def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """The state_dict shapes of UNet(config), from a model built on the meta device (no memory).
+def meta_unet(config: ModelConfig) -> UNet:
+    """UNet(config) on the meta device: shapes and structure, no memory, no values.
 
     Without initialising its embeddings: normal_ on a meta tensor imports torch._dynamo, which
     cost 1.1-1.4 s of every `ddpm-engine sample` start-up on our CPU (there are no values to draw)."""
@@ -143,9 +143,24 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     nn.Embedding.reset_parameters = lambda self: None
     try:
         with torch.device("meta"):
-            return {name: tuple(t.shape) for name, t in UNet(config).state_dict().items()}
+            return UNet(config)
     finally:
         nn.Embedding.reset_parameters = reset
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The state_dict shapes of UNet(config), from a model built on the meta device."""
+    return {name: tuple(t.shape) for name, t in meta_unet(config).state_dict().items()}
+
+
+def unet_with_weights(config: ModelConfig, weights: dict[str, torch.Tensor],
+                      device: str | torch.device = "cpu") -> UNet:
+    """UNet(config) holding `weights` in float32 on `device`, in eval mode: built on the meta device and
+    the tensors assigned in place, so no random initialisation is drawn only to be overwritten (for
+    the paper's 35.7M network, most of the time a diffusers folder took to open)."""
+    model = meta_unet(config)
+    model.load_state_dict({name: t.to(device, torch.float32) for name, t in weights.items()}, assign=True)
+    return model.eval()
 
 
 def check_tensors(path: Path, tensors: dict[str, dict], data_size: int, config: ModelConfig) -> None:
@@ -197,6 +212,4 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     not_finite = [name for name, t in weights.items() if not torch.isfinite(t).all()]
     if not_finite:
         raise CheckpointError(f"{path}: {len(not_finite)} tensors hold NaN or inf (e.g. {not_finite[0]})")
-    model = UNet(config)
-    model.load_state_dict({k: v.float() for k, v in weights.items()})
-    return Checkpoint(model.to(device).eval(), diffusion, class_names)
+    return Checkpoint(unet_with_weights(config, weights, device), diffusion, class_names)

@@ -35,7 +35,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from engine.checkpoint import Checkpoint, CheckpointError, atomic_write, expected_shapes
+from engine.checkpoint import Checkpoint, CheckpointError, atomic_write, expected_shapes, meta_unet, unet_with_weights
 from engine.config import DiffusionConfig, ModelConfig
 from engine.model import AttnBlock, Downsample, ResBlock, UNet, Upsample
 from engine.sampler import SampleSettings
@@ -389,9 +389,7 @@ def load_diffusers(path: str | os.PathLike, device: str | torch.device = "cpu") 
     scheduler = scheduler_file(folder)
     diffusion = diffusion_config(None if scheduler is None else read_json(scheduler), str(scheduler))
     theirs = read_weights(folder / WEIGHTS)
-    with torch.device("meta"):
-        skeleton = UNet(config)
-    ours = to_ours(theirs, skeleton)
+    ours = to_ours(theirs, meta_unet(config))
     if theirs:
         raise CheckpointError(f"{folder / WEIGHTS}: {len(theirs)} tensors its config.json does not account for "
                               f"(e.g. {min(theirs)[:80]})")
@@ -400,9 +398,7 @@ def load_diffusers(path: str | os.PathLike, device: str | torch.device = "cpu") 
     if wrong:
         raise CheckpointError(f"{folder / WEIGHTS}: {len(wrong)} tensors do not match config.json's shapes "
                               f"(e.g. {wrong[0]})")
-    model = UNet(config)
-    model.load_state_dict({name: t.float() for name, t in ours.items()})
-    return Checkpoint(model.to(device).eval(), diffusion, class_names)
+    return Checkpoint(unet_with_weights(config, ours, device), diffusion, class_names)
 
 
 def save_diffusers(ckpt: Checkpoint, out: str | os.PathLike) -> None:

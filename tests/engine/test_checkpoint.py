@@ -33,6 +33,19 @@ def test_round_trip_rebuilds_the_model_from_the_file_alone(tiny):
         assert torch.equal(ckpt.model(x, t, y), model(x, t, y))
 
 
+def test_loading_draws_no_random_initialisation(tiny):
+    """The model is built on the meta device and the file's tensors assigned: no random numbers are
+    drawn (they would only be overwritten), and every tensor is real, float32 and trainable."""
+    _, path = tiny
+    torch.manual_seed(123)
+    state = torch.random.get_rng_state()
+    ckpt = load_checkpoint(path)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    tensors = list(ckpt.model.parameters()) + list(ckpt.model.buffers())
+    assert all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+    assert all(p.requires_grad for p in ckpt.model.parameters()) and not ckpt.model.training
+
+
 def test_fp16_checkpoint_loads_in_float32(tmp_path, tiny):
     model, _ = tiny
     path = tmp_path / "half.safetensors"
