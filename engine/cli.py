@@ -76,6 +76,9 @@ EXAMPLES = """examples:
 
 
 guidance_scale = float_range(0.0, MAX_GUIDANCE)
+# -n's bound: 2,000 times a 50,000-image FID run; the run's bookkeeping (a shard list, one file a
+# shard) grows with n / SHARD_IMAGES, and past ~1e9 images it would not fit in memory.
+MAX_IMAGES = 100_000_000
 SHARD_IMAGES = 1024  # images a shard of a sampling run: what an interrupt can lose, and the largest --batch-size
 
 
@@ -105,7 +108,8 @@ def build_parser() -> Parser:
 
     sample = commands.add_parser("sample", help="sample N images", epilog=EXAMPLES)
     common(sample)
-    sample.add_argument("-n", type=int_range(1), default=None, help="number of images (default: 10 per class)")
+    sample.add_argument("-n", type=int_range(1, MAX_IMAGES), default=None,
+                        help=f"number of images (default: 10 per class; at most {MAX_IMAGES:,})")
     sample.add_argument("--classes", default=None, help="comma-separated class indices or names (default: all)")
     sample.add_argument("--sampler", choices=SAMPLERS, default=SAMPLE.sampler, help=f"default: {SAMPLE.sampler}")
     sample.add_argument("--steps", type=int_range(1), default=SAMPLE.steps,

@@ -59,6 +59,7 @@ def test_interpolate_writes_a_grid(checkpoint, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["-n", "0"], "out of range"),
+    (["-n", "1000000000000"], "out of range"),
     (["-n", "two"], "not an integer"),
     (["--classes", "cat,unicorn"], "unknown class 'unicorn'"),
     (["--classes", "10"], "unknown class '10'"),
