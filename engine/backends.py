@@ -33,45 +33,13 @@ from engine.model import GroupNorm32, UNet
 BACKENDS = ("auto", "fused", "eager", "compile", "onnx", "tensorrt")
 PRECISIONS = ("auto", *DTYPES)
 
-# The CPU default, measured with `ddpm-engine bench` (one guided step: U-Net on the 2B batch +
-# update + noise) on this project's 2-core CI machine, torch 2.13 CPU, onnxruntime CPU
-# provider, all fp32, random weights, in the same run; ms per step, min of the rounds (the
-# machine is shared and loaded, so medians wander by 2-5x; the mins agree across runs):
-#   preset            U-Net batch   eager    torch.compile           ONNX Runtime
-#   tiny                   2         6.6       4.3 (1st call 16 s)     9.9
-#   tiny                  64       493-1183  1628 (1st call 41 s)    245-640
-#   tiny                 512      13332     6432                     4034     (one run, loaded)
-#   cifar10-compact        2        27       (not finished: machine loaded)  52-88
-#   cifar10-compact       64      2590       -                        -
-# Re-measured on the idle machine (same command, median ms per step):
-#   tiny                   2         5.8       -                       9.3-28
-#   tiny                  64       148         -                      86
-#   tiny                 512      2451         -                     795
-#   cifar10-compact   2 / 32      28.6 / 324 (U-Net call only)      22.3 / 273
-#   ddpm-cifar10      2 / 32      84.0 / 1131 (U-Net call only)     70.5 / 987
-# So: at sampling batches (the CLI's default 256 images is a U-Net batch of 512) ONNX
-# Runtime is 2-3x faster than eager; torch.compile wins only at batch 2, recompiles for every
-# new batch shape and takes 15-130 s to compile here. ONNX Runtime needs an export and its
-# verification first (1-2 s for tiny, ~10 s for cifar10-compact), repaid after a few hundred
-# image-steps; the exported graph is cached by the model's content hash, so only the first run
-# pays. The bundled model (cifar10-cpu), 2026-11-29, idle machine, same run (bench_sample.py,
-# benchmarks/results/2026-11-29-cpu-sample.md; median ms per guided step at U-Net batch 64 / 128 /
-# 256): eager 411 / 1051 / 2462 (61 / 48 / 41 % of the fp32 matmul ceiling), ONNX Runtime 293 / 621 /
-# 1449 (85 / 81 / 69 %): ONNX Runtime is 1.4-1.7x faster, and both are cheapest per image at 64.
-# Every fp32 runtime on the bundled model, one run, 2026-11-29 (idle machine; min ms of a U-Net
-# forward at batch 32 / 64 / 128): eager 225 / 411 / 1009, eager channels_last 187 / 327 / 728,
-# torch.compile 190 / 326 / 663 (after 52 s of compiling), ONNX Runtime 166 / 324 / 599. ONNX
-# Runtime is the fastest or tied at every batch, and needs no compile. Its cost per image at 64
-# and 128 is within the run-to-run noise (5.06 vs 4.68 ms here, 4.58 vs 4.85 in the run above),
-# so the CPU keeps 32 images a call.
-# So `auto` on the CPU is ONNX Runtime when onnxruntime is installed and the model's graph is
-# cached or the run has at least ONNX_MIN_IMAGE_STEPS (images x steps); eager otherwise.
+# auto on the CPU: ONNX Runtime when onnxruntime is installed and the model's graph is cached or the run
+# has at least ONNX_MIN_IMAGE_STEPS (images x steps), eager otherwise. ONNX Runtime was the fastest fp32
+# CPU runtime, or tied, at every batch measured, with no compile; its export (1-10 s) pays back after a
+# few hundred image-steps: the measurements are in benchmarks/results/2026-11-29-cpu-backends.md.
 ONNX_MIN_IMAGE_STEPS = 500
-# bf16 on the CPU is faster but not the default: with AVX512-BF16 (this project's AMD EPYC) oneDNN
-# runs the bundled model's U-Net at batch 64 in 234 ms in bf16 channels_last (eager fp32 430, ONNX
-# Runtime fp32 321; min ms, same run, 2026-11-29), but guidance amplifies its rounding ((1 + w)
-# eps_c - w eps_u): DPM-Solver++(2M)-20, w = 1.8, 2,000 images, same seeds, FID 157.6 in bf16
-# against 150.3 in fp32. `--precision bf16` is there for those who want the speed.
+# bf16 on the CPU is faster but not the default: guidance amplifies its rounding (FID 157.6 vs 150.3
+# in fp32, same seeds; benchmarks/results/2026-11-29-cpu-backends.md). `--precision bf16` is the speed option.
 
 
 class BackendError(ValueError):

@@ -1,5 +1,5 @@
-"""Sampling on several processes under torchrun: each rank draws a contiguous share of the
-image indices, rank 0 gathers them and writes the one output.
+"""Sampling on several processes under torchrun: rank r samples every world-size-th shard of the
+run (shards r, r + W, r + 2W, ...) into the shared work folder, and rank 0 assembles the one output.
 
 Image i's noise and label depend only on (seed, i) (engine.noise, engine.generate), so the
 gathered result is the single-process result whatever the number of ranks. NCCL on CUDA

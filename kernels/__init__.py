@@ -1,4 +1,4 @@
-"""Triton kernels used by the engine and export: fused GroupNorm and fused attention."""
+"""Triton kernels used by the engine's fused U-Net (engine/fused.py): fused GroupNorm and fused attention."""
 
 from kernels.attention import attention
 from kernels.group_norm import group_norm
