@@ -299,21 +299,30 @@ async def disconnected(http: HttpRequest) -> None:
             return
 
 
-def build_app(service: Service):
-    ckpt, options, metrics = service.ckpt, service.options, service.metrics
-    page = resources.files("engine").joinpath("serve_page.html").read_text()
+def sse(kind: str, data: dict) -> str:
+    """One server-sent event."""
+    return f"event: {kind}\ndata: {json.dumps(data)}\n\n"
 
-    async def images(http: HttpRequest) -> Response:
+
+class Api:
+    """The HTTP endpoints, one method each, over a Service."""
+
+    def __init__(self, service: Service):
+        self.service, self.ckpt, self.options, self.metrics = service, service.ckpt, service.options, service.metrics
+        self.page = resources.files("engine").joinpath("serve_page.html").read_text()
+
+    async def images(self, http: HttpRequest) -> Response:
+        """POST /v1/images: JSON, a PNG grid, or server-sent events, by the Accept header."""
         started = time.perf_counter()
-        job = parse_job(await read_json(http, options.max_body), ckpt, options.max_images)
+        job = parse_job(await read_json(http, self.options.max_body), self.ckpt, self.options.max_images)
         accept = http.headers.get("accept", "")
         loop = asyncio.get_running_loop()
         if "text/event-stream" in accept:
             events: asyncio.Queue = asyncio.Queue()
-            request, _ = service.submit(job, loop, events)
-            return StreamingResponse(stream(job, request, events, started), media_type="text/event-stream",
+            request, _ = self.service.submit(job, loop, events)
+            return StreamingResponse(self.stream(job, request, events, started), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-store"})
-        request, done = service.submit(job, loop)
+        request, done = self.service.submit(job, loop)
         gone = asyncio.ensure_future(disconnected(http))
         try:
             await asyncio.wait({done, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -321,108 +330,111 @@ def build_app(service: Service):
             gone.cancel()
         if not done.done():  # the client went away: free its slots
             request.cancel()
-            metrics.cancelled.inc()
+            self.metrics.cancelled.inc()
             return Response(status_code=499)
         if request.error is not None:
-            return failed(request.error)
+            return self.failed(request.error)
         x = to_uint8(request.images)
         if "image/png" in accept and "application/json" not in accept:
             picture = grid(class_rows(x, request.labels.numpy(), job.classes))
             response = Response(await asyncio.to_thread(png_bytes, picture), media_type="image/png")
         else:  # PNG encoding off the event loop: a 256-image answer takes tens of ms
             pngs = await asyncio.to_thread(lambda: [png_base64(image) for image in x])
-            response = JSONResponse({**answer_of(job, request, ckpt), "images": pngs})
-        metrics.latency.observe(time.perf_counter() - started)
+            response = JSONResponse({**answer_of(job, request, self.ckpt), "images": pngs})
+        self.metrics.latency.observe(time.perf_counter() - started)
         return response
 
-    async def stream(job: Job, request: Request, events: asyncio.Queue, started: float):
-        """Server-sent events: `progress` {step, steps, images_done, n}, `image` {index, label, png}, `done`
-        {settings...} or `error` {error}. A client that goes away cancels the request."""
-        def event(kind: str, data: dict) -> str:
-            return f"event: {kind}\ndata: {json.dumps(data)}\n\n"
-
+    async def stream(self, job: Job, request: Request, events: asyncio.Queue, started: float):
+        """Server-sent events: `start`, `progress` {step, steps, images_done, n}, `image` {index, label, png}
+        as each finishes, then `done` or `error` {error}. A client that goes away cancels the request."""
         steps = request.num_steps
         try:
-            yield event("start", answer_of(job, request, ckpt))
+            yield sse("start", answer_of(job, request, self.ckpt))
             while True:
                 kind, value = await events.get()
                 if kind == "progress":
-                    yield event("progress", {"step": min(steps, value // job.n), "steps": steps,
-                                             "images_done": request.finished, "n": job.n})
+                    yield sse("progress", {"step": min(steps, value // job.n), "steps": steps,
+                                           "images_done": request.finished, "n": job.n})
                 elif kind == "image":
                     image = to_uint8(request.images[value:value + 1])[0]
-                    yield event("image", {"index": value, "label": int(request.labels[value]),
-                                          "png": png_base64(image)})
+                    yield sse("image", {"index": value, "label": int(request.labels[value]), "png": png_base64(image)})
+                elif request.error is not None:
+                    yield sse("error", {"error": one_line(request.error)})
+                    return
                 else:
-                    if request.error is not None:
-                        yield event("error", {"error": one_line(request.error)})
-                    else:
-                        metrics.latency.observe(time.perf_counter() - started)
-                        yield event("done", answer_of(job, request, ckpt))
+                    self.metrics.latency.observe(time.perf_counter() - started)
+                    yield sse("done", answer_of(job, request, self.ckpt))
                     return
         finally:
             if not request.done:
                 request.cancel()
-                metrics.cancelled.inc()
+                self.metrics.cancelled.inc()
 
+    @staticmethod
     def failed(error: BaseException) -> Response:
         if isinstance(error, NonFiniteImages):
             return error_response(500, str(error))
         log.error("a request failed: %s", one_line(error) or type(error).__name__)
         return error_response(500, f"sampling failed: {one_line(error) or type(error).__name__}")
 
-    async def model(http: HttpRequest) -> Response:
-        config = ckpt.config
+    async def model(self, http: HttpRequest) -> Response:
+        config, T = self.ckpt.config, self.ckpt.diffusion.num_timesteps
         return JSONResponse({
-            "classes": list(ckpt.class_names), "image_size": config.image_size, "guidable": config.guidable,
-            "num_timesteps": ckpt.diffusion.num_timesteps, "engine": service.engine.name,
-            "defaults": {**asdict(SAMPLE), "n_per_class": 10}, "samplers": list(SAMPLERS), "spacings": list(SPACINGS),
-            "limits": {"n": options.max_images, "guidance": MAX_GUIDANCE, "steps": ckpt.diffusion.num_timesteps,
-                       "seed": MASK32}})
+            "classes": list(self.ckpt.class_names), "image_size": config.image_size, "guidable": config.guidable,
+            "num_timesteps": T, "engine": self.service.engine.name, "defaults": {**asdict(SAMPLE), "n_per_class": 10},
+            "samplers": list(SAMPLERS), "spacings": list(SPACINGS),
+            "limits": {"n": self.options.max_images, "guidance": MAX_GUIDANCE, "steps": T, "seed": MASK32}})
 
-    async def healthz(http: HttpRequest) -> Response:
+    async def healthz(self, http: HttpRequest) -> Response:
         return JSONResponse({"status": "ok"})
 
-    async def readyz(http: HttpRequest) -> Response:
-        if service.ready():
-            return JSONResponse({"status": "ready", "engine": service.engine.name})
-        return error_response(503, "draining" if service.draining else "the engine is not running")
+    async def readyz(self, http: HttpRequest) -> Response:
+        if self.service.ready():
+            return JSONResponse({"status": "ready", "engine": self.service.engine.name})
+        return error_response(503, "draining" if self.service.draining else "the engine is not running")
 
-    async def metrics_text(http: HttpRequest) -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    async def metrics_text(self, http: HttpRequest) -> Response:
+        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    async def index(http: HttpRequest) -> Response:
-        return HTMLResponse(page)
+    async def index(self, http: HttpRequest) -> Response:
+        return HTMLResponse(self.page)
 
-    async def bad_request(http: HttpRequest, error: BadRequest) -> Response:
+    async def bad_request(self, http: HttpRequest, error: BadRequest) -> Response:
         if error.status != 429:  # counted where the queue refused it
-            metrics.rejected.labels("draining" if error.status == 503 else "invalid").inc()
+            self.metrics.rejected.labels("draining" if error.status == 503 else "invalid").inc()
         return error_response(error.status, str(error), error.headers)
 
-    async def http_error(http: HttpRequest, error: HTTPException) -> Response:
+    async def http_error(self, http: HttpRequest, error: HTTPException) -> Response:
         return error_response(error.status_code, error.detail, getattr(error, "headers", None))
 
-    class Guard:
-        """The bearer token (every path but /healthz) as ASGI middleware, before any body is read."""
 
-        def __init__(self, app):
-            self.app = app
+class TokenGuard:
+    """ASGI middleware: every path but /healthz needs `Authorization: Bearer TOKEN`, checked before any
+    body is read."""
 
-        async def __call__(self, scope, receive, send):
-            if scope["type"] == "http" and options.token is not None and scope["path"] != "/healthz":
-                headers = dict(scope["headers"])
-                if headers.get(b"authorization", b"").decode("latin-1") != f"Bearer {options.token}":
-                    metrics.rejected.labels("unauthorized").inc()
-                    response = error_response(401, "missing or wrong bearer token",
-                                              {"WWW-Authenticate": 'Bearer realm="ddpm-engine"'})
-                    return await response(scope, receive, send)
-            return await self.app(scope, receive, send)
+    def __init__(self, app, token: str, metrics: Metrics):
+        self.app, self.expected, self.metrics = app, f"Bearer {token}".encode("latin-1"), metrics
 
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] != "/healthz":
+            if dict(scope["headers"]).get(b"authorization") != self.expected:
+                self.metrics.rejected.labels("unauthorized").inc()
+                response = error_response(401, "missing or wrong bearer token",
+                                          {"WWW-Authenticate": 'Bearer realm="ddpm-engine"'})
+                return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+def build_app(service: Service):
+    """The ASGI app: the routes, the one-line-JSON error handlers, and the token guard when a token is set.
+    Anything else raised is a bug: uvicorn answers 500 and logs its traceback."""
+    api = Api(service)
     app = Starlette(routes=[
-        Route("/", index), Route("/healthz", healthz), Route("/readyz", readyz),
-        Route("/metrics", metrics_text), Route("/v1/model", model), Route("/v1/images", images, methods=["POST"]),
-    ], exception_handlers={BadRequest: bad_request, HTTPException: http_error})
-    return Guard(app)  # anything else raised is a bug: uvicorn answers 500 and logs its traceback
+        Route("/", api.index), Route("/healthz", api.healthz), Route("/readyz", api.readyz),
+        Route("/metrics", api.metrics_text), Route("/v1/model", api.model),
+        Route("/v1/images", api.images, methods=["POST"]),
+    ], exception_handlers={BadRequest: api.bad_request, HTTPException: api.http_error})
+    return app if service.options.token is None else TokenGuard(app, service.options.token, service.metrics)
 
 
 class DrainingServer(uvicorn.Server):
