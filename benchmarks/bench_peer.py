@@ -1,0 +1,153 @@
+"""ddpm-engine against diffusers on the same checkpoint and scheduler, in one run (issue 23).
+
+Each case runs twice as whole processes, start-up and all: `ddpm-engine sample` (its default
+backend) and a diffusers loop (`UNet2DModel.from_pretrained` and the matching scheduler, the
+pipelines' loop written out: one model call a step, the conditional and unconditional halves in one
+batch under guidance). The diffusers process also reports its loop time from `from_pretrained` on
+(what the issue's first table measured). Rows: what="peer", backend = "ddpm-engine" or "diffusers".
+
+Full mode (DDPM_BENCH_FULL=1), the issue's cases:
+- the bundled model exported with `convert --to-diffusers`: 100 guided images (w = 1.8),
+  DPM-Solver++(2M) 15 steps linspace, batch 32;
+- the paper's 35.7M network in the google/ddpm-cifar10-32 layout (random weights, written by
+  diffusers): 16 unconditional images, DDIM 20 steps leading, batch 16.
+Quick mode (CI): a tiny random class-conditional model, 4 guided images, 3 steps of each sampler.
+The images are not compared here (tests/engine/test_diffusers.py and test_sampler.py hold the parity
+tests); this file only times. Never asserts a speed.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks.harness import FULL
+from engine.bench import Timing
+from engine.checkpoint import save_checkpoint
+from engine.cli import BUNDLED_CHECKPOINT
+from engine.config import PRESETS, DiffusionConfig
+from engine.model import UNet
+
+diffusers = pytest.importorskip("diffusers", reason="diffusers (test extra) is the peer")
+
+# google/ddpm-cifar10-32's config.json (as tests/engine/test_diffusers.py).
+DDPM_CIFAR10 = {
+    "_class_name": "UNet2DModel", "act_fn": "silu", "attention_head_dim": None,
+    "block_out_channels": [128, 256, 256, 256], "center_input_sample": False,
+    "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
+    "downsample_padding": 0, "flip_sin_to_cos": False, "freq_shift": 1, "in_channels": 3, "layers_per_block": 2,
+    "mid_block_scale_factor": 1, "norm_eps": 1e-06, "norm_num_groups": 32, "out_channels": 3, "sample_size": 32,
+    "time_embedding_type": "positional", "up_block_types": ["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
+}
+SCHEDULER = {"_class_name": "DDPMScheduler", "beta_end": 0.02, "beta_schedule": "linear", "beta_start": 0.0001,
+             "num_train_timesteps": 1000}
+
+# The diffusers side, a whole process: argv = folder, n, sampler, steps, spacing, guidance, batch, null class.
+DIFFUSERS_LOOP = r'''
+import json, sys, time
+start = time.perf_counter()
+import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UNet2DModel
+
+folder, n, sampler, steps, spacing, w, batch, null = sys.argv[1:]
+n, steps, w, batch, null = int(n), int(steps), float(w), int(batch), int(null)
+loaded = time.perf_counter()
+unet = UNet2DModel.from_pretrained(folder).eval()
+config = json.load(open(folder + "/scheduler_config.json"))
+if sampler == "dpm++2m":
+    scheduler = DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2,
+                                                        final_sigmas_type="zero", timestep_spacing=spacing)
+else:
+    scheduler = DDIMScheduler.from_config(config, timestep_spacing=spacing, set_alpha_to_one=True, steps_offset=0,
+                                          clip_sample=False)
+classes = unet.config.num_class_embeds
+size = unet.config.sample_size
+g = torch.Generator().manual_seed(0)
+with torch.no_grad():
+    for first in range(0, n, batch):
+        b = min(batch, n - first)
+        x = torch.randn(b, unet.config.in_channels, size, size, generator=g)
+        y = torch.arange(first, first + b) % (classes - 1) if classes else None
+        scheduler.set_timesteps(steps)
+        for t in scheduler.timesteps:
+            if w:
+                eps = unet(torch.cat([x, x]), t, class_labels=torch.cat([y, torch.full_like(y, null)])).sample
+                cond, uncond = eps.chunk(2)
+                eps = (1 + w) * cond - w * uncond
+            else:
+                eps = unet(x, t, class_labels=y).sample
+            x = scheduler.step(eps, t, x).prev_sample
+done = time.perf_counter()
+print(json.dumps({"imports_s": loaded - start, "loop_s": done - loaded, "finite": bool(torch.isfinite(x).all())}))
+'''
+
+
+def conditional_folder(tmp: Path, checkpoint: Path) -> Path:
+    """A class-conditional checkpoint of ours as a diffusers folder (`ddpm-engine convert --to-diffusers`)."""
+    folder = tmp / "conditional"
+    subprocess.run([sys.executable, "-m", "engine.cli", "convert", str(checkpoint), "--to-diffusers", str(folder)],
+                   check=True, capture_output=True)
+    return folder
+
+
+def paper_folder(tmp: Path) -> Path:
+    """The paper's network in google/ddpm-cifar10-32's layout, random weights, written by diffusers."""
+    folder = tmp / "paper"
+    torch.manual_seed(0)
+    diffusers.UNet2DModel.from_config(DDPM_CIFAR10).save_pretrained(folder)
+    diffusers.DDPMScheduler.from_config(SCHEDULER).save_pretrained(folder)
+    return folder
+
+
+def cases(tmp: Path) -> list[dict]:
+    if FULL:
+        return [dict(name="bundled-cifar10-cpu", folder=conditional_folder(tmp, BUNDLED_CHECKPOINT), n=100,
+                     sampler="dpm++2m", steps=15, spacing="linspace", guidance=1.8, batch=32, null=10),
+                dict(name="paper-35.7M", folder=paper_folder(tmp), n=16, sampler="ddim", steps=20, spacing="leading",
+                     guidance=0.0, batch=16, null=0)]
+    torch.manual_seed(0)
+    save_checkpoint(tmp / "tiny.safetensors", UNet(PRESETS["tiny"]).eval(), DiffusionConfig(),
+                    tuple(f"c{k}" for k in range(10)))
+    folder = conditional_folder(tmp, tmp / "tiny.safetensors")
+    return [dict(name=f"tiny-{sampler}", folder=folder, n=4, sampler=sampler, steps=3, spacing=spacing,
+                 guidance=1.8, batch=4, null=10) for sampler, spacing in (("dpm++2m", "linspace"), ("ddim", "leading"))]
+
+
+def wall(command: list[str]) -> tuple[float, str]:
+    start = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    assert result.returncode == 0, result.stderr[-2000:]
+    return seconds, result.stdout
+
+
+def once(seconds: float) -> Timing:
+    return Timing(seconds * 1e3, seconds * 1e3, seconds * 1e3, seconds, 1)
+
+
+def test_peer(record, tmp_path):
+    for case in cases(tmp_path):
+        flags = ["--checkpoint", str(case["folder"]), "-n", str(case["n"]), "--sampler", case["sampler"],
+                 "--steps", str(case["steps"]), "--spacing", case["spacing"], "--guidance", str(case["guidance"]),
+                 "--batch-size", str(case["batch"]), "--device", "cpu", "--no-progress"]
+        ours_s, out = wall([sys.executable, "-m", "engine.cli", "sample", *flags, "--out", str(tmp_path / case["name"])])
+        runs = out.split("; ")[-1].split(" on ")[0]
+        script = tmp_path / "diffusers_loop.py"
+        script.write_text(DIFFUSERS_LOOP)
+        theirs_s, out = wall([sys.executable, str(script), str(case["folder"]), str(case["n"]), case["sampler"],
+                              str(case["steps"]), case["spacing"], str(case["guidance"]), str(case["batch"]),
+                              str(case["null"])])
+        theirs = json.loads(out.strip().splitlines()[-1])
+        assert theirs["finite"]
+        common = dict(batch=case["batch"], preset=case["name"], sampler=case["sampler"], steps=case["steps"],
+                      images=case["n"], guidance=case["guidance"])
+        record(what="peer", backend=f"ddpm-engine ({runs})", timing=once(ours_s), wall_s=round(ours_s, 2), **common)
+        record(what="peer", backend="diffusers", timing=once(theirs_s), wall_s=round(theirs_s, 2),
+               loop_s=round(theirs["loop_s"], 2), imports_s=round(theirs["imports_s"], 2),
+               speedup_whole_process=round(theirs_s / ours_s, 2), **common)
