@@ -183,9 +183,7 @@ class Engine:
 
     def submit(self, request: Request) -> Request:
         """Queue a request; it joins the batch at a coming step. Settings errors raise here."""
-        request.num_steps = request.settings.num_steps(self.diffusion.num_timesteps)
-        if request.settings.sampler not in ("ddpm", "ddim", "dpm++2m"):
-            request.settings.plan(self.diffusion)  # raises the sampler's own error
+        request.num_steps = request.settings.plan(self.diffusion).num_steps  # bad settings raise here, not in a step
         if request.x_T is not None and tuple(request.x_T.shape) != (request.n, *self.shape):
             raise ValueError(f"x_T must have shape {(request.n, *self.shape)}")
         if self._closed:

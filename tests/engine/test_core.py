@@ -210,3 +210,6 @@ def test_bad_settings_are_refused_on_submit(model):
         engine.submit(request(SampleSettings(steps=101), range(1)))
     with pytest.raises(ValueError, match="unknown sampler"):
         engine.submit(request(SampleSettings(sampler="euler"), range(1)))
+    with pytest.raises(ValueError, match="eta"):
+        engine.submit(request(SampleSettings(sampler="ddim", eta=-1.0), range(1)))
+    assert engine.idle()  # nothing refused reached the batch
