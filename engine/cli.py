@@ -30,7 +30,7 @@ from engine.clitools import (
     reported,
     resolve_guidance,
 )
-from engine.config import PRESETS, ModelConfig
+from engine.config import PRESETS
 from engine.datasets import SPLITS, DataError, ImageSource, open_images
 from engine.diffusers_format import load_diffusers, sampling_hint, save_diffusers
 from engine.fid import BACKENDS as FID_BACKENDS

@@ -18,7 +18,6 @@ from engine.checkpoint import load_checkpoint, save_checkpoint
 from engine.cli import main
 from engine.config import CIFAR10_CLASSES, PRESETS, DiffusionConfig
 from engine.model import UNet
-from engine.sampler import SampleSettings
 
 
 @pytest.fixture(scope="module")
