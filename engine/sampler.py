@@ -124,32 +124,6 @@ def timestep_sequence(num_timesteps: int, steps: int, spacing: str = "linspace")
     return seq
 
 
-def solver_timesteps(num_timesteps: int, steps: int, spacing: str = "linspace") -> torch.Tensor:
-    """The S increasing timesteps where DPM-Solver++ evaluates the model, as diffusers'
-    DPMSolverMultistepScheduler (which then steps from the smallest to the clean image): its
-    linspace and leading take S + 1 points and drop t = 0, so no model evaluation is spent at t = 0
-    (unlike DDIM's grids of the same names, timestep_sequence); trailing and quadratic are shared.
-
-    linspace   round(linspace(0, T - 1, S + 1))[1:]
-    leading    k (T // (S + 1)) for k = 1..S
-    """
-    T = num_timesteps
-    if not 1 <= steps <= T:
-        raise ValueError(f"steps must be in [1, {T}], got {steps}")
-    match "linspace" if spacing == "uniform" else spacing:
-        case "linspace":
-            seq = torch.linspace(0, T - 1, steps + 1, dtype=torch.float64).round().long()[1:]
-        case "leading":
-            seq = torch.arange(1, steps + 1) * (T // (steps + 1))
-        case _:
-            return timestep_sequence(T, steps, spacing)
-    # Strictly increasing and within [1, T - 1] where S comes close to T (rounding collides; a leading
-    # ratio of 0): the grid diffusers cannot take either.
-    for i in range(steps):
-        seq[i] = max(seq[i], seq[i - 1] + 1 if i else 1)
-    return torch.minimum(seq, torch.arange(T - steps, T))
-
-
 def _plan(timesteps: torch.Tensor, ab_all: torch.Tensor, coefs) -> SamplerPlan:
     ab = ab_all[timesteps]
     ab_prev = torch.cat([torch.ones(1, dtype=ab.dtype), ab[:-1]])  # ab at t_{i-1}; 1 after the last step
@@ -204,10 +178,9 @@ def ddim_plan(diffusion: DiffusionConfig, steps: int = 50, eta: float = 0.0,
 
 def dpm_solver_plan(diffusion: DiffusionConfig, steps: int = DPM_STEPS, spacing: str = "linspace") -> SamplerPlan:
     """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2: multistep, second order, data prediction), the
-    deterministic (ODE) sampler, on diffusers' DPMSolverMultistepScheduler grids (solver_timesteps);
-    the first step, and the last one into the clean image, are first order (as that scheduler with
-    final_sigmas_type "zero")."""
-    timesteps = solver_timesteps(diffusion.num_timesteps, steps, spacing)
+    deterministic (ODE) sampler; the first step, and the last one into the clean image, are first
+    order (as diffusers' DPMSolverMultistepScheduler with final_sigmas_type "zero")."""
+    timesteps = timestep_sequence(diffusion.num_timesteps, steps, spacing)
     ab_all = make_alpha_bar(diffusion)
     ab = ab_all[timesteps]
     ab_prev = torch.cat([torch.ones(1, dtype=ab.dtype), ab[:-1]])  # the step's target; 1 after the last
