@@ -136,7 +136,8 @@ def test_peer(record, tmp_path):
         flags = ["--checkpoint", str(case["folder"]), "-n", str(case["n"]), "--sampler", case["sampler"],
                  "--steps", str(case["steps"]), "--spacing", case["spacing"], "--guidance", str(case["guidance"]),
                  "--batch-size", str(case["batch"]), "--device", "cpu", "--no-progress"]
-        ours_s, out = wall([sys.executable, "-m", "engine.cli", "sample", *flags, "--out", str(tmp_path / case["name"])])
+        out_dir = str(tmp_path / case["name"])
+        ours_s, out = wall([sys.executable, "-m", "engine.cli", "sample", *flags, "--out", out_dir])
         runs = out.split("; ")[-1].split(" on ")[0]
         script = tmp_path / "diffusers_loop.py"
         script.write_text(DIFFUSERS_LOOP)

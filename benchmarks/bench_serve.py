@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import random
 import signal
 import socket
 import statistics
@@ -144,17 +145,12 @@ def closed_loop(served: Served, concurrency: int, warmup_s: float, window_s: flo
     latencies = sorted(lat for at, lat in done if start <= at <= end)
     if not latencies:
         return {"images_per_s": 0.0, "requests": 0}
-    pick = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))]
-    return {"images_per_s": round(len(latencies) * IMAGES_PER_REQUEST / window_s, 2), "requests": len(latencies),
-            "p50_s": round(pick(0.5), 3), "p99_s": round(pick(0.99), 3), "mean_s": round(statistics.mean(latencies), 3),
-            "latencies": latencies}
+    return {"images_per_s": round(len(latencies) * IMAGES_PER_REQUEST / window_s, 2), **summary(latencies)}
 
 
 def open_loop(served: Served, rate_per_s: float, warmup_s: float, window_s: float, seed: int = 0) -> dict:
     """Requests arriving at random (Poisson, `rate_per_s`), each on its own connection, whatever the
     answers: latency percentiles of those sent inside the window (after the warm-up)."""
-    import random
-
     rng = random.Random(seed)
     data = json.dumps(BODY).encode()
     sent: list[tuple[float, list]] = []  # (sent at, [latency] once answered)
@@ -180,9 +176,14 @@ def open_loop(served: Served, rate_per_s: float, warmup_s: float, window_s: floa
     for t in threads:
         t.join(300)
     latencies = sorted(box[0] for when, box in sent if when >= begin + warmup_s and box)
+    return {"rate_per_s": rate_per_s, **summary(latencies)}
+
+
+def summary(latencies: list[float]) -> dict:
+    """Count, p50, p99 and mean of sorted latencies (seconds), and the latencies themselves."""
     pick = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))]
-    return {"requests": len(latencies), "rate_per_s": rate_per_s, "p50_s": round(pick(0.5), 3),
-            "p99_s": round(pick(0.99), 3), "mean_s": round(statistics.mean(latencies), 3), "latencies": latencies}
+    return {"requests": len(latencies), "p50_s": round(pick(0.5), 3), "p99_s": round(pick(0.99), 3),
+            "mean_s": round(statistics.mean(latencies), 3), "latencies": latencies}
 
 
 def latency_timing(result: dict) -> Timing:

@@ -480,8 +480,8 @@ def cmd_fid_ref(args) -> None:
     print(f"wrote {args.out}: statistics of {stats.count} images ({stats.source}{score}; {network.backend})")
 
 
-COMMANDS = {"sample": cmd_sample, "interpolate": cmd_interpolate, "serve": cmd_serve, "convert": cmd_convert, "bench": cmd_bench,
-            "fid": cmd_fid, "fid-ref": cmd_fid_ref}
+COMMANDS = {"sample": cmd_sample, "interpolate": cmd_interpolate, "serve": cmd_serve, "convert": cmd_convert,
+            "bench": cmd_bench, "fid": cmd_fid, "fid-ref": cmd_fid_ref}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,6 +33,7 @@ import collections
 import itertools
 import queue
 import threading
+import time
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
@@ -177,7 +178,7 @@ class Engine:
         self._closed = False
         self._arrivals = itertools.count()
         self.steps_run = 0
-        self.on_step: Callable[[int], object] | None = None  # (rows in the step), engine thread: metrics
+        self.on_step: Callable[[int, float], object] | None = None  # (rows, the step's host seconds): metrics
 
     # -- the client side (any thread) --------------------------------------------------------------------
 
@@ -244,6 +245,7 @@ class Engine:
         self._admit()
         if not self._rows:
             return False
+        started = time.perf_counter()
         s = self._state
         args = (s["x"], s["x0"], s["pos"], s["labels"], s["keys"], s["w"], s["clip"])
         if self.graphs is not None:
@@ -262,7 +264,7 @@ class Engine:
             if request.on_progress is not None:
                 request.on_progress(request, count)
         if self.on_step is not None:
-            self.on_step(len(self._rows))
+            self.on_step(len(self._rows), time.perf_counter() - started)
         self._retire()
         return True
 

@@ -178,7 +178,7 @@ class Metrics:
             self.images_per_s)
         self._lock = threading.Lock()
 
-    def on_step(self, rows: int) -> None:
+    def on_step(self, rows: int, seconds: float) -> None:
         self.batch.observe(rows)
         self.steps.inc()
 
@@ -206,14 +206,9 @@ class Service:
         self.step_s = 0.0  # a moving average of an engine step's wall time, for Retry-After
 
     def _run(self) -> None:
-        previous = time.perf_counter()
-
-        def timed(rows: int) -> None:
-            nonlocal previous
-            now = time.perf_counter()
-            self.step_s = 0.9 * self.step_s + 0.1 * (now - previous) if self.step_s else now - previous
-            previous = now
-            self.metrics.on_step(rows)
+        def timed(rows: int, seconds: float) -> None:
+            self.step_s = 0.9 * self.step_s + 0.1 * seconds if self.step_s else seconds
+            self.metrics.on_step(rows, seconds)
 
         self.engine.on_step = timed
         try:
