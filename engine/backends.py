@@ -28,6 +28,7 @@ from torch import nn
 from engine.checkpoint import Checkpoint, CheckpointError
 from engine.config import DTYPES
 from engine.core import Engine
+from engine.errors import ConfigError
 from engine.model import GroupNorm32, UNet
 
 BACKENDS = ("auto", "fused", "eager", "compile", "onnx", "tensorrt")
@@ -42,7 +43,7 @@ ONNX_MIN_IMAGE_STEPS = 500
 # in fp32, same seeds; benchmarks/results/2026-11-29-cpu-backends.md). `--precision bf16` is the speed option.
 
 
-class BackendError(ValueError):
+class BackendError(ConfigError):
     """A backend that cannot run here, or cannot run this checkpoint; the message says why."""
 
 

@@ -24,6 +24,7 @@ from engine.backends import BackendError, build_engine
 from engine.checkpoint import Checkpoint
 from engine.config import CIFAR10_CLASSES, DiffusionConfig, ModelConfig
 from engine.core import Engine
+from engine.errors import ConfigError
 from engine.model import UNet
 from engine.noise import image_keys
 from engine.sampler import SampleSettings
@@ -117,7 +118,7 @@ def bench(preset: str, batch_sizes: list[int], backends: list[str], device: torc
     rounds = (30 if on_gpu else 3) if rounds is None else rounds
     for b in batch_sizes:
         if b < 2 or b % 2:
-            raise ValueError(f"batch {b}: the U-Net batch under guidance is 2 x images, so it must be even and >= 2")
+            raise ConfigError(f"batch {b}: the U-Net batch under guidance is 2 x images, so it must be even and >= 2")
     torch.manual_seed(0)
     ckpt = Checkpoint(UNet(config).eval().to(device), DiffusionConfig(), CIFAR10_CLASSES)
     settings = SampleSettings(sampler="ddpm", steps=steps)  # the default guidance

@@ -12,11 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from engine.config import DiffusionConfig, ModelConfig
+from engine.errors import UserError
 from engine.model import UNet
 
 FORMAT = "ddpm-engine/1"
@@ -25,7 +26,7 @@ MAX_NAME = 200  # characters of a class name
 FLOAT_DTYPES = {"F32": 4, "F16": 2, "BF16": 2}  # safetensors dtype: bytes an element
 
 
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     """A checkpoint that is missing, unreadable, foreign or inconsistent with its config."""
 
 

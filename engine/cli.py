@@ -18,7 +18,7 @@ import torch
 from engine import backends, distributed
 from engine.backends import BACKENDS, PRECISIONS, build_engine
 from engine.bench import BENCH_BACKENDS, bench, format_header
-from engine.checkpoint import Checkpoint, CheckpointError, atomic_write, load_checkpoint, save_checkpoint
+from engine.checkpoint import Checkpoint, atomic_write, load_checkpoint, save_checkpoint
 from engine.clitools import (
     MAX_GUIDANCE,
     Parser,
@@ -31,13 +31,12 @@ from engine.clitools import (
     resolve_guidance,
 )
 from engine.config import PRESETS
-from engine.datasets import SPLITS, DataError, ImageSource, open_images
+from engine.datasets import SPLITS, ImageSource, open_images
 from engine.diffusers_format import load_diffusers, sampling_hint, save_diffusers
 from engine.fid import BACKENDS as FID_BACKENDS
 from engine.fid import (
     NO_CLASSIFIER,
     PREPROCESSING,
-    FidError,
     InceptionNetwork,
     Stats,
     frechet_distance,
@@ -490,8 +489,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "sample":
         interrupted = (f"interrupted; the finished shards are kept in {args.out}.partial/: the same command "
                        f"continues the run")
-    with reported(f"ddpm-engine {args.command}", (UsageError, CheckpointError, DataError, FidError, OSError,
-                                                  ValueError), interrupted) as outcome:
+    with reported(f"ddpm-engine {args.command}", interrupted) as outcome:
         COMMANDS[args.command](args)
     return outcome.code
 

@@ -13,6 +13,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator
 
+from engine.errors import UserError
+
 if TYPE_CHECKING:
     from engine.checkpoint import Checkpoint
     from engine.config import ModelConfig
@@ -21,7 +23,7 @@ MAX_GUIDANCE = 100.0  # far past any useful scale (papers use up to ~10); beyond
 MAX_MESSAGE = 300  # characters of an error line: a message never echoes a whole file or flag back
 
 
-class UsageError(Exception):
+class UsageError(UserError):
     """Bad command-line input, found after parsing (e.g. a class the checkpoint doesn't have)."""
 
 
@@ -49,19 +51,19 @@ class Outcome:
 
 
 @contextmanager
-def reported(prog: str, errors: tuple[type[BaseException], ...],
-             interrupted: str = "interrupted; nothing was written") -> Iterator[Outcome]:
-    """Run a command's body; an exception of a type in `errors` becomes one `PROG: error: ...` line
-    and exit status 1, Ctrl-C one line and 130 (`interrupted` says what was kept):
+def reported(prog: str, interrupted: str = "interrupted; nothing was written") -> Iterator[Outcome]:
+    """Run a command's body; a `UserError` (bad input) or an `OSError` (a file or folder that cannot be
+    read or written) becomes one `PROG: error: ...` line and exit status 1, Ctrl-C one line and 130
+    (`interrupted` says what was kept). Anything else is a bug and propagates, traceback and all:
 
-        with reported("ddpm-export", (ExportError, OSError)) as outcome:
+        with reported("ddpm-export") as outcome:
             run(args)
         return outcome.code
     """
     outcome = Outcome()
     try:
         yield outcome
-    except errors as e:
+    except (UserError, OSError) as e:
         print(f"{prog}: error: {one_line(e) or type(e).__name__}", file=sys.stderr)
         outcome.code = 1
     except KeyboardInterrupt:

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -58,36 +60,36 @@ class ModelConfig:
         for name, limit in (("ch_mult", 16), ("attn_resolutions", MAX_ATTENTION_SIDE)):
             values = getattr(self, name)
             if not isinstance(values, tuple) or len(values) > MAX_LEVELS:
-                raise ValueError(f"{name} must be a list of at most {MAX_LEVELS} integers")
+                raise ConfigError(f"{name} must be a list of at most {MAX_LEVELS} integers")
             for value in values:
                 check_int(name, value, 1, limit)
         if not self.ch_mult:
-            raise ValueError("ch_mult must name at least one level")
+            raise ConfigError("ch_mult must name at least one level")
         check_number("dropout", self.dropout)
         if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout {self.dropout} is out of range [0, 1)")
+            raise ConfigError(f"dropout {self.dropout} is out of range [0, 1)")
         check_int("downsample_padding", self.downsample_padding, 0, 1)
         check_number("norm_eps", self.norm_eps)
         if not 0 < self.norm_eps <= 0.1:
-            raise ValueError(f"norm_eps {self.norm_eps} is out of range (0, 0.1]")
+            raise ConfigError(f"norm_eps {self.norm_eps} is out of range (0, 0.1]")
         if type(self.learned_null) is not bool:
-            raise ValueError(f"learned_null must be true or false, not {short_repr(self.learned_null)}")
+            raise ConfigError(f"learned_null must be true or false, not {short_repr(self.learned_null)}")
         if self.num_classes == 0 and self.learned_null:
-            raise ValueError("an unconditional model (num_classes 0) has no learned null class: learned_null must be false")
+            raise ConfigError("an unconditional model (num_classes 0) has no learned null class: learned_null must be false")
         downsamples = len(self.ch_mult) - 1
         if self.image_size % (self.patch_size * 2**downsamples):
-            raise ValueError(f"image_size {self.image_size} is not divisible by patch_size x 2^{downsamples}")
+            raise ConfigError(f"image_size {self.image_size} is not divisible by patch_size x 2^{downsamples}")
         bottom = self.top_resolution >> downsamples  # the middle block attends here whatever attn_resolutions says
         if bottom > MAX_ATTENTION_SIDE:
-            raise ValueError(f"the middle block would attend over {bottom} x {bottom} positions "
+            raise ConfigError(f"the middle block would attend over {bottom} x {bottom} positions "
                              f"(at most {MAX_ATTENTION_SIDE} x {MAX_ATTENTION_SIDE}): add levels to ch_mult")
         for mult in (1, *self.ch_mult):
             if (self.ch * mult) % self.num_groups or self.ch * mult < 2 * self.num_groups:
                 # One channel a group would normalise away the per-channel embedding added before it.
-                raise ValueError(f"{self.ch * mult} channels do not split into {self.num_groups} groups "
+                raise ConfigError(f"{self.ch * mult} channels do not split into {self.num_groups} groups "
                                  "of at least 2 channels")
         if self.parameter_bound() > MAX_PARAMETERS:
-            raise ValueError(f"the model would have up to {self.parameter_bound():.3g} parameters, "
+            raise ConfigError(f"the model would have up to {self.parameter_bound():.3g} parameters, "
                              f"over the limit of {MAX_PARAMETERS:.0e}")
 
     def parameter_bound(self) -> int:
@@ -114,14 +116,14 @@ class ModelConfig:
         for key in ("ch_mult", "attn_resolutions"):
             if key in fields:
                 if not isinstance(fields[key], list):
-                    raise ValueError(f"{key} must be a list of integers")
+                    raise ConfigError(f"{key} must be a list of integers")
                 fields[key] = tuple(fields[key])
         return cls(**fields)
 
     @classmethod
     def from_name(cls, name: str) -> "ModelConfig":
         if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+            raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
         return PRESETS[name]
 
 
@@ -137,11 +139,11 @@ class DiffusionConfig:
     def validate(self) -> None:
         check_int("num_timesteps", self.num_timesteps, 1, MAX_TIMESTEPS)
         if self.beta_schedule not in ("linear", "cosine"):
-            raise ValueError(f"unknown beta schedule {str(self.beta_schedule)[:40]!r}; use linear or cosine")
+            raise ConfigError(f"unknown beta schedule {str(self.beta_schedule)[:40]!r}; use linear or cosine")
         check_number("beta_start", self.beta_start)
         check_number("beta_end", self.beta_end)
         if self.beta_schedule == "linear" and not 0 < self.beta_start <= self.beta_end < 1:
-            raise ValueError("need 0 < beta_start <= beta_end < 1")
+            raise ConfigError("need 0 < beta_start <= beta_end < 1")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -166,15 +168,15 @@ MODEL_LIMITS = {  # field: (min, max)
 def check_int(name: str, value: object, lo: int, hi: int) -> None:
     """A real integer (not a bool, not 32.0) in [lo, hi]."""
     if type(value) is not int:
-        raise ValueError(f"{name} must be an integer, not {short_repr(value)}")
+        raise ConfigError(f"{name} must be an integer, not {short_repr(value)}")
     if not lo <= value <= hi:
-        raise ValueError(f"{name} {value} is out of range [{lo}, {hi}]")
+        raise ConfigError(f"{name} {value} is out of range [{lo}, {hi}]")
 
 
 def check_number(name: str, value: object) -> None:
     """A finite int or float (not a bool, not a string)."""
     if type(value) not in (int, float) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, not {short_repr(value)}")
+        raise ConfigError(f"{name} must be a finite number, not {short_repr(value)}")
 
 
 def short_repr(value: object) -> str:
@@ -187,12 +189,12 @@ def json_object(text: str, cls: type) -> dict:
     try:
         fields = json.loads(text)
     except RecursionError:
-        raise ValueError("nested too deeply") from None
+        raise ConfigError("nested too deeply") from None
     if not isinstance(fields, dict):
-        raise ValueError(f"{cls.__name__} must be a JSON object, not {type(fields).__name__}")
+        raise ConfigError(f"{cls.__name__} must be a JSON object, not {type(fields).__name__}")
     unknown = set(fields) - {f.name for f in dataclasses.fields(cls)}
     if unknown:
-        raise ValueError(f"unknown {cls.__name__} field {short_repr(sorted(unknown)[0])}")
+        raise ConfigError(f"unknown {cls.__name__} field {short_repr(sorted(unknown)[0])}")
     return fields
 
 

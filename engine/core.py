@@ -40,6 +40,7 @@ from typing import Callable
 import torch
 
 from engine.config import DiffusionConfig
+from engine.errors import UserError
 from engine.graphs import StepGraphs, default_buckets
 from engine.noise import INITIAL_STREAM, gaussian_noise
 from engine.sampler import SamplerPlan, SampleSettings, step
@@ -52,7 +53,7 @@ class EngineClosed(RuntimeError):
     """The engine stopped admitting (shutdown) before this request could run."""
 
 
-class NonFiniteImages(ValueError):
+class NonFiniteImages(UserError):
     """A request's images came out NaN or infinite: broken weights or settings, not a bug here."""
 
 

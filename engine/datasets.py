@@ -29,6 +29,8 @@ from typing import BinaryIO, Callable, Iterator
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from engine.errors import UserError
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 SPLITS = ("train", "test")
 CIFAR10_FOLDER = "cifar-10-batches-py"
@@ -37,7 +39,7 @@ MAX_PIXELS = 8192 * 8192  # pixels of one image (192 MB as RGB); Pillow warns on
 MAX_NPZ_BYTES = 2**34  # a samples.npz is loaded whole: 16 GiB is over a million 64 x 64 images
 
 
-class DataError(Exception):
+class DataError(UserError):
     """Image data that is missing, malformed or not one of the accepted kinds."""
 
 

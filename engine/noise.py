@@ -17,6 +17,8 @@ import math
 
 import torch
 
+from engine.errors import ConfigError
+
 MASK32 = 0xFFFFFFFF
 INITIAL_STREAM = MASK32  # the stream of x_T; sampling step i draws from stream i
 
@@ -39,7 +41,7 @@ def hash32(x: torch.Tensor) -> torch.Tensor:
 def image_keys(seed: int, indices: torch.Tensor) -> torch.Tensor:
     """One 32-bit key per image: hash(hash(seed) ^ index)."""
     if not 0 <= seed <= MASK32:
-        raise ValueError(f"seed must be in [0, {MASK32}]")
+        raise ConfigError(f"seed must be in [0, {MASK32}]")
     seed_key = hash32(torch.tensor(seed, dtype=torch.int64))
     return hash32(seed_key.to(indices.device) ^ (indices.to(torch.int64) & MASK32))
 

@@ -23,6 +23,7 @@ import torch
 
 from engine.config import DiffusionConfig
 from engine.diffusion import alpha_bar as make_alpha_bar
+from engine.errors import ConfigError
 
 
 @dataclass
@@ -73,7 +74,7 @@ class SampleSettings:
         default = {"ddpm": num_timesteps, "dpm++2m": DPM_STEPS}.get(self.sampler, DDIM_STEPS)
         steps = self.steps or default
         if self.steps is not None and self.steps > num_timesteps:
-            raise ValueError(f"--steps {self.steps} exceeds the model's T = {num_timesteps}")
+            raise ConfigError(f"--steps {self.steps} exceeds the model's T = {num_timesteps}")
         return min(steps, num_timesteps)
 
     def plan(self, diffusion: DiffusionConfig, device: torch.device | str = "cpu") -> "SamplerPlan":
@@ -86,7 +87,7 @@ class SampleSettings:
             case "dpm++2m":
                 plan = dpm_solver_plan(diffusion, steps, self.spacing)
             case _:
-                raise ValueError(f"unknown sampler {self.sampler!r}; use {' or '.join(SAMPLERS)}")
+                raise ConfigError(f"unknown sampler {self.sampler!r}; use {' or '.join(SAMPLERS)}")
         return plan.to(device)
 
 
@@ -103,7 +104,7 @@ def timestep_sequence(num_timesteps: int, steps: int, spacing: str = "linspace")
                t = 0, ending at 0.8 T), kept strictly increasing where squares collide near 0
     """
     if not 1 <= steps <= num_timesteps:
-        raise ValueError(f"steps must be in [1, {num_timesteps}], got {steps}")
+        raise ConfigError(f"steps must be in [1, {num_timesteps}], got {steps}")
     T = num_timesteps
     match "linspace" if spacing == "uniform" else spacing:  # "uniform": this spacing's name before 2026-11
         case "linspace":
@@ -120,7 +121,7 @@ def timestep_sequence(num_timesteps: int, steps: int, spacing: str = "linspace")
                 seq[i] = max(seq[i], seq[i - 1] + 1)
             seq = torch.minimum(seq, torch.arange(T - steps, T))
         case _:
-            raise ValueError(f"unknown spacing {spacing!r}; use {', '.join(SPACINGS)}")
+            raise ConfigError(f"unknown spacing {spacing!r}; use {', '.join(SPACINGS)}")
     return seq
 
 
@@ -145,7 +146,7 @@ def ddpm_plan(diffusion: DiffusionConfig, steps: int | None = None, variance: st
     variance beta~_t = (1 - ab_{t-1}) / (1 - ab_t) beta_t (Ho et al. 2020, section 3.2).
     """
     if variance not in ("large", "small"):
-        raise ValueError(f"unknown variance {variance!r}; use large or small")
+        raise ConfigError(f"unknown variance {variance!r}; use large or small")
     T = diffusion.num_timesteps
 
     def coefs(ab, ab_prev):
@@ -164,7 +165,7 @@ def ddim_plan(diffusion: DiffusionConfig, steps: int = 50, eta: float = 0.0,
               spacing: str = "linspace") -> SamplerPlan:
     """DDIM (Song et al. 2020, Eq. 12); eta = 0 is deterministic, eta = 1 is DDPM with the posterior variance."""
     if eta < 0:
-        raise ValueError("eta must be non-negative")
+        raise ConfigError("eta must be non-negative")
 
     def coefs(ab, ab_prev):
         # Eq. 16: sigma_t(eta) = eta sqrt((1 - ab_{t-1}) / (1 - ab_t)) sqrt(1 - ab_t / ab_{t-1}).

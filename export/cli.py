@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from engine.checkpoint import CheckpointError, load_checkpoint
+from engine.checkpoint import load_checkpoint
 from engine.clitools import Parser, reported
 from engine.runtimes.onnx_export import DEFAULT_OPSET, OPSETS, ExportError, export_onnx
 from export.tensorrt import build_plan, require_tensorrt
@@ -68,8 +68,7 @@ def run(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # TensorRTUnavailable is a CheckpointError: it says what is missing.
-    with reported("ddpm-export", (CheckpointError, ExportError, OSError, ValueError, RuntimeError)) as outcome:
+    with reported("ddpm-export") as outcome:
         run(args)
     return outcome.code
 

@@ -8,11 +8,8 @@ import os
 import sys
 from pathlib import Path
 
-from engine.checkpoint import CheckpointError
 from engine.clitools import Parser, reported
-from engine.fid import FidError
-from training.data import DatasetError
-from training.state import StateError
+from engine.errors import ConfigError
 from training.train import (
     CHOICES,
     DEFAULT_EPOCHS,
@@ -155,7 +152,7 @@ def make_config(args: argparse.Namespace) -> TrainConfig:
     saved = saved_config(args.out) if args.resume else None
     if saved is None:
         if args.preset is None or args.dataset is None:
-            raise ValueError("--preset and --dataset are required for a new run")
+            raise ConfigError("--preset and --dataset are required for a new run")
         return TrainConfig(**given)
     keep = {k: saved[k] for k in KEPT_ON_RESUME if k in saved and k not in given}
     if "steps" not in given and "epochs" not in given:
@@ -168,7 +165,6 @@ def main(argv: list[str] | None = None) -> int:
     rank = os.environ.get("RANK", "0")
     try:
         with reported("ddpm-train" if rank == "0" else f"ddpm-train [rank {rank}]",
-                      (DatasetError, StateError, CheckpointError, FidError, OSError, ValueError),
                       interrupted=f"interrupted; the last checkpoint in {args.out} is intact (continue with --resume)"
                       ) as outcome:
             path = train(make_config(args))

@@ -22,12 +22,13 @@ from PIL import Image
 
 from engine.config import CIFAR10_CLASSES, STL10_CLASSES
 from engine.datasets import DataError, read_cifar_labelled, read_rgb
+from engine.errors import UserError
 
 DATASETS = ("cifar10", "stl10", "folder", "synthetic")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
-class DatasetError(Exception):
+class DatasetError(UserError):
     """A dataset that is missing, malformed or could not be downloaded."""
 
 

@@ -21,12 +21,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from engine.checkpoint import atomic_write
+from engine.errors import UserError
 
 FORMAT = "ddpm-train-state/1"
 STATE_FILE = "state.safetensors"
 
 
-class StateError(Exception):
+class StateError(UserError):
     """A training state that is missing, unreadable or inconsistent with the run."""
 
 

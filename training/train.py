@@ -35,10 +35,11 @@ from engine.backends import build_engine, native_cpu_bf16
 from engine.checkpoint import Checkpoint, atomic_write, expected_shapes, load_checkpoint, save_checkpoint
 from engine.clitools import at_least_one, below_one, int_range, non_negative_float, positive_float, unit_float
 from engine.config import PRESETS, DiffusionConfig, ModelConfig
+from engine.core import Engine
 from engine.diffusion import alpha_bar as make_alpha_bar
 from engine.diffusion import eps_loss
 from engine.distributed import World
-from engine.core import Engine
+from engine.errors import ConfigError
 from engine.generate import generate
 from engine.images import check_writable, class_rows, grid
 from engine.model import UNet, swap_modules
@@ -271,7 +272,7 @@ def check_config(config: TrainConfig, processes: int = 1) -> None:
     if config.fid_every and not config.fid_ref:
         problems.append("--fid-every needs --fid-ref STATS.npz (write one with ddpm-engine fid-ref)")
     if problems:
-        raise ValueError("; ".join(problems))
+        raise ConfigError("; ".join(problems))
 
 
 def with_defaults(train_config: dict) -> dict:
@@ -293,7 +294,7 @@ def saved_config(out: Path) -> dict | None:
         raise StateError(f"{path}: its training config is invalid ({what})")
     try:
         check_config(TrainConfig(**with_defaults(saved)))
-    except ValueError as e:
+    except ConfigError as e:
         raise StateError(f"{path}: its training config is invalid ({e})") from None
     return saved
 
@@ -323,7 +324,7 @@ def prepare(config: TrainConfig, procs: World) -> Run:
     saved = None
     if state_path.is_file():
         if not config.resume:
-            raise ValueError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+            raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
         saved = load_state(state_path)
 
     # Rank 0 loads first: it may download, which the others must not race.
@@ -340,7 +341,7 @@ def prepare(config: TrainConfig, procs: World) -> Run:
                                preset.image_size, config.seed)
 
     if config.batch_size > len(dataset):
-        raise ValueError(f"--batch-size {config.batch_size} is more than the {len(dataset)} images of the data set")
+        raise ConfigError(f"--batch-size {config.batch_size} is more than the {len(dataset)} images of the data set")
     config, total = resolve(config, len(dataset), preset)
     model_config = dataclasses.replace(preset, num_classes=dataset.num_classes, dropout=config.dropout)
     if saved is not None:
@@ -383,7 +384,7 @@ def load_init_weights(path: Path, model_config: ModelConfig) -> dict:
     checkpoint = load_checkpoint(path)
     ignore = {"dropout": model_config.dropout}  # dropout changes no weight
     if dataclasses.replace(checkpoint.model.config, **ignore) != model_config:
-        raise ValueError(f"--init-from {path}: its model ({checkpoint.model.config.to_json()}) is not this run's "
+        raise ConfigError(f"--init-from {path}: its model ({checkpoint.model.config.to_json()}) is not this run's "
                          f"({model_config.to_json()})")
     return {k: v.float() for k, v in checkpoint.model.state_dict().items()}
 

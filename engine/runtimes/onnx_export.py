@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from engine.checkpoint import FORMAT, Checkpoint, atomic_write
+from engine.errors import UserError
 from engine.model import AttnBlock, GroupNorm32, UNet, swap_modules
 from engine.runtimes.onnx import INPUT_NAMES, OUTPUT_NAME, open_session
 
@@ -53,7 +54,7 @@ OPSETS = range(14, 21)
 TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2}
 
 
-class ExportError(Exception):
+class ExportError(UserError):
     """An export that could not be written or did not match PyTorch; no file is left behind."""
 
 

@@ -20,6 +20,7 @@ import torch
 
 from engine.checkpoint import Checkpoint, CheckpointError
 from engine.config import ModelConfig
+from engine.errors import UserError
 from engine.runtimes.onnx import INPUT_NAMES, OUTPUT_NAME, parse_metadata
 
 # One optimisation profile per bucket: profile k serves batches (bucket[k-1], bucket[k]] and
@@ -28,7 +29,7 @@ from engine.runtimes.onnx import INPUT_NAMES, OUTPUT_NAME, parse_metadata
 BATCH_BUCKETS = (8, 64, 512)
 
 
-class TensorRTUnavailable(CheckpointError):
+class TensorRTUnavailable(UserError):
     """TensorRT, or a GPU for it, is missing here; the message says which."""
 
 
