@@ -21,8 +21,8 @@ from engine.bench import flops_per_image
 from engine.checkpoint import Checkpoint
 from engine.config import CIFAR10_CLASSES, PRESETS, DiffusionConfig
 from engine.model import UNet
-from engine.runtimes.onnx_export import export_onnx, random_inputs
 from engine.runtimes.onnx import load_onnx
+from engine.runtimes.onnx_export import export_onnx, random_inputs
 
 FULL = os.environ.get("DDPM_BENCH_FULL") == "1"
 QUICK_CASE = ("cifar10-compact", 2)
@@ -47,7 +47,7 @@ def models(tmp_path_factory):
             path = tmp_path_factory.mktemp("bench") / f"{preset}.onnx"
             start = time.perf_counter()
             export_onnx(ckpt, path, fp16=False)  # verified against eager: the times compare equal work
-            cache[preset] = (ckpt.model, load_onnx(path, "cpu").model, time.perf_counter() - start)
+            cache[preset] = (ckpt.unet, load_onnx(path, "cpu").model, time.perf_counter() - start)
         return cache[preset]
 
     return get

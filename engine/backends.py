@@ -29,7 +29,7 @@ from engine.checkpoint import Checkpoint, CheckpointError
 from engine.config import DTYPES
 from engine.core import Engine
 from engine.errors import ConfigError
-from engine.model import GroupNorm32, UNet
+from engine.model import UNet, keep_float32_islands
 
 BACKENDS = ("auto", "fused", "eager", "compile", "onnx", "tensorrt")
 PRECISIONS = ("auto", *DTYPES)
@@ -55,11 +55,7 @@ class EagerModel(nn.Module):
         self.config, self.dtype = model.config, dtype
         self.memory_format = torch.contiguous_format if dtype == torch.float32 else torch.channels_last
         if dtype != torch.float32:
-            model = copy.deepcopy(model).to(dtype=dtype, memory_format=self.memory_format)
-            # float32 islands: GroupNorm32's statistics cast x to float32 and need float32
-            # parameters; the embeddings are cast to x's dtype by UNet.forward itself.
-            for module in (model.time_mlp, model.class_embed, *(m for m in model.modules() if isinstance(m, GroupNorm32))):
-                module.float()
+            model = keep_float32_islands(copy.deepcopy(model).to(dtype=dtype, memory_format=self.memory_format))
         self.unet = model.eval()
 
     @torch.no_grad()
@@ -146,11 +142,11 @@ def eps_model(ckpt: Checkpoint, name: str, device: torch.device, precision: str,
     match name:
         case "eager":
             if precision == "fp32":
-                return "eager-fp32", ckpt.model.eval(), False
-            return f"eager-{precision}", EagerModel(ckpt.model, dtype), False
+                return "eager-fp32", ckpt.unet.eval(), False
+            return f"eager-{precision}", EagerModel(ckpt.unet, dtype), False
         case "compile":
             # The default mode: max-autotune did not finish in 5 min at batch 1024 on the H200 (GPU.md).
-            return f"compile-{precision}", torch.compile(EagerModel(ckpt.model, dtype)), False
+            return f"compile-{precision}", torch.compile(EagerModel(ckpt.unet, dtype)), False
         case "fused":
             from engine.fused import fuse
 
@@ -160,7 +156,7 @@ def eps_model(ckpt: Checkpoint, name: str, device: torch.device, precision: str,
             use_graphs = device.type == "cuda" if graphs is None else graphs
             if use_graphs and device.type != "cuda":
                 raise BackendError("CUDA graphs need a CUDA device")
-            return f"fused-{precision}", fuse(ckpt.model, dtype), use_graphs
+            return f"fused-{precision}", fuse(ckpt.unet, dtype), use_graphs
         case "onnx":
             return (f"onnx-{'fp16' if precision == 'fp16' else 'fp32'}",
                     onnx_from_checkpoint(ckpt, device, fp16=precision == "fp16",

@@ -10,6 +10,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO, Protocol
 
 import torch
 from safetensors import SafetensorError
@@ -30,16 +31,23 @@ class CheckpointError(UserError):
     """A checkpoint that is missing, unreadable, foreign or inconsistent with its config."""
 
 
+class EpsModel(Protocol):
+    """What the engine samples from: eps(x_t, t, y), with the config of the model it computes."""
+
+    config: ModelConfig
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor: ...
+
+
 @dataclass
 class Checkpoint:
     """What a sampler needs: the eps model, the diffusion config and the class names.
 
     runtime says what `model` is: "pytorch" (the reference UNet, from a .safetensors file),
-    "onnx" (an ONNX Runtime session) or "tensorrt" (a TensorRT engine); exported models are
-    callables eps(x, t, y) with a `config`, run in `precision`.
+    "onnx" (an ONNX Runtime session) or "tensorrt" (a TensorRT engine), run in `precision`.
     """
 
-    model: UNet
+    model: EpsModel
     diffusion: DiffusionConfig
     class_names: tuple[str, ...]
     runtime: str = "pytorch"
@@ -49,6 +57,13 @@ class Checkpoint:
     def config(self) -> ModelConfig:
         return self.model.config
 
+    @property
+    def unet(self) -> UNet:
+        """The reference UNet, which only a .safetensors checkpoint holds (exported models are compiled)."""
+        if not isinstance(self.model, UNet):
+            raise CheckpointError(f"this needs a .safetensors checkpoint, not an exported ({self.runtime}) model")
+        return self.model
+
 
 def save_checkpoint(path: str | os.PathLike, model: UNet, diffusion: DiffusionConfig,
                     class_names: tuple[str, ...] | list[str], dtype: torch.dtype = torch.float32) -> None:
@@ -57,13 +72,16 @@ def save_checkpoint(path: str | os.PathLike, model: UNet, diffusion: DiffusionCo
     if len(class_names) != config.num_classes:
         raise ValueError(f"{len(class_names)} class names for {config.num_classes} classes")
     tensors = {name: t.detach().to("cpu", dtype).contiguous() for name, t in model.state_dict().items()}
-    metadata = {
-        "format": FORMAT,
-        "model_config": config.to_json(),
-        "diffusion_config": diffusion.to_json(),
-        "class_names": json.dumps(list(class_names)),
-    }
+    metadata = checkpoint_metadata(config, diffusion, class_names)
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def checkpoint_metadata(config: ModelConfig, diffusion: DiffusionConfig,
+                        class_names: tuple[str, ...] | list[str]) -> dict[str, str]:
+    """What every ddpm-engine file (.safetensors, .onnx, .plan) says of its model; read back by
+    `configs_from_metadata`."""
+    return {"format": FORMAT, "model_config": config.to_json(), "diffusion_config": diffusion.to_json(),
+            "class_names": json.dumps(list(class_names))}
 
 
 def atomic_write(path: str | os.PathLike, write) -> None:
@@ -82,28 +100,46 @@ def atomic_write(path: str | os.PathLike, write) -> None:
         raise
 
 
-def read_header(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, dict], int]:
-    """(metadata, tensor entries, size of the data section) of a ddpm-engine .safetensors file,
-    from its JSON header alone: nothing is allocated for the tensors."""
+def json_header(f: BinaryIO, size: int) -> tuple[dict, int]:
+    """The JSON object after the 8-byte little-endian length that opens a file of `size` bytes, and that
+    length: the framing of a safetensors file (and of a ddpm-engine .plan). ValueError if there is none."""
+    header_len = int.from_bytes(f.read(8), "little")
+    if not 0 < header_len <= min(MAX_HEADER, size - 8):
+        raise ValueError("no header")
+    header = json.loads(f.read(header_len))
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    return header, header_len
+
+
+def safetensors_header(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, dict], int]:
+    """(metadata, tensor entries, size of the data section) of a .safetensors file, from its JSON header
+    alone: nothing is read or allocated for the tensors. The one reader of that header here (checkpoints
+    and training states); the tensors themselves are read by safetensors."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+        raise CheckpointError(f"file not found: {path}")
     try:
+        size = path.stat().st_size
         with open(path, "rb") as f:
-            header_len = int.from_bytes(f.read(8), "little")
-            if not 0 < header_len <= min(MAX_HEADER, path.stat().st_size - 8):
-                raise ValueError
-            header = json.loads(f.read(header_len))
-        if not isinstance(header, dict):
-            raise ValueError
-    except (ValueError, UnicodeDecodeError, OSError, RecursionError):
+            header, header_len = json_header(f, size)
+    except (ValueError, OSError, RecursionError):
         raise CheckpointError(f"{path} is not a safetensors file (truncated or another format)") from None
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is a safetensors file but not a ddpm-engine checkpoint (no '{FORMAT}' metadata)")
+    metadata = header.pop("__metadata__", None)
+    metadata = metadata if isinstance(metadata, dict) else {}  # none, or not a map: no format named
     if not all(isinstance(v, str) for v in metadata.values()):
         raise CheckpointError(f"{path} has invalid metadata: values must be strings")
-    return metadata, header, path.stat().st_size - 8 - header_len
+    return metadata, header, size - 8 - header_len
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, dict], int]:
+    """safetensors_header of a ddpm-engine checkpoint: its metadata names FORMAT."""
+    if not Path(path).is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    metadata, header, data_size = safetensors_header(path)
+    if metadata.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is a safetensors file but not a ddpm-engine checkpoint (no '{FORMAT}' metadata)")
+    return metadata, header, data_size
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:

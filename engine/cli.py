@@ -18,7 +18,7 @@ import torch
 from engine import backends, distributed
 from engine.backends import BACKENDS, PRECISIONS, build_engine
 from engine.bench import BENCH_BACKENDS, bench, format_header
-from engine.checkpoint import Checkpoint, atomic_write, load_checkpoint, save_checkpoint
+from engine.checkpoint import Checkpoint, atomic_write, load_checkpoint, meta_unet, save_checkpoint
 from engine.clitools import (
     MAX_GUIDANCE,
     Parser,
@@ -47,6 +47,7 @@ from engine.fid import (
 )
 from engine.generate import INTERPOLATION, generate, image_progress, interpolate
 from engine.images import SampleRun, check_writable, grid, save_png, staged_output
+from engine.model import count_parameters
 from engine.noise import MASK32
 from engine.sampler import DDIM_STEPS, DPM_STEPS, SAMPLERS, SPACINGS, VARIANCES, SampleSettings
 
@@ -362,7 +363,7 @@ def describe(ckpt: Checkpoint) -> str:
     config = ckpt.config
     classes = ("unconditional" if config.num_classes == 0 else f"{config.num_classes} classes"
                + ("" if config.learned_null else ", no learned null class (no guidance)"))
-    parameters = sum(p.numel() for p in ckpt.model.parameters())
+    parameters = count_parameters(meta_unet(config))  # from the config: any runtime
     return f"{parameters / 1e6:.1f}M parameters, {classes}, T = {ckpt.diffusion.num_timesteps}"
 
 
@@ -372,7 +373,7 @@ def cmd_convert(args) -> None:
             raise UsageError("--from-diffusers DIR takes --out FILE.safetensors, and no CHECKPOINT")
         check_writable(args.out.parent)
         ckpt = load_diffusers(args.from_diffusers)
-        save_checkpoint(args.out, ckpt.model, ckpt.diffusion, ckpt.class_names)
+        save_checkpoint(args.out, ckpt.unet, ckpt.diffusion, ckpt.class_names)
         print(f"wrote {args.out} ({describe(ckpt)}); {sampling_hint(args.from_diffusers)}")
         return
     if args.checkpoint is None or args.out is not None:

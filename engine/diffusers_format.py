@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from safetensors import SafetensorError
@@ -292,6 +293,24 @@ RESBLOCK_NAMES = {"norm1": "norm1", "conv1": "conv1", "emb_proj": "time_emb_proj
                   "conv2": "conv2", "shortcut": "conv_shortcut"}
 
 
+def tensor_pairs(model: UNet) -> Iterator[tuple[str, tuple[str, ...], bool]]:
+    """(our name, their names, reshape) for every weight and bias of `model` but the class embedding: the
+    one name table both directions follow. Where they name several tensors (attention's to_q, to_k,
+    to_v), ours is their concatenation; reshape: ours is a 1x1 convolution where theirs is a linear."""
+    for our_name, their_name, module in module_pairs(model):
+        for p in ("weight", "bias"):
+            if isinstance(module, ResBlock):
+                for a, b in RESBLOCK_NAMES.items():
+                    if a != "shortcut" or not isinstance(module.shortcut, torch.nn.Identity):
+                        yield f"{our_name}.{a}.{p}", (f"{their_name}.{b}.{p}",), False
+            elif isinstance(module, AttnBlock):
+                yield f"{our_name}.norm.{p}", (f"{their_name}.group_norm.{p}",), False
+                yield f"{our_name}.qkv.{p}", tuple(f"{their_name}.to_{x}.{p}" for x in "qkv"), p == "weight"
+                yield f"{our_name}.proj_out.{p}", (f"{their_name}.to_out.0.{p}",), p == "weight"
+            else:
+                yield f"{our_name}.{p}", (f"{their_name}.{p}",), False
+
+
 def to_ours(theirs: dict[str, torch.Tensor], model: UNet) -> dict[str, torch.Tensor]:
     """Our state dict from diffusers' (keys it does not consume are left in `theirs`)."""
     ours = {}
@@ -301,22 +320,9 @@ def to_ours(theirs: dict[str, torch.Tensor], model: UNet) -> dict[str, torch.Ten
             raise CheckpointError(f"{WEIGHTS} has no tensor {name[:100]} (its config.json asks for it)")
         return theirs.pop(name)
 
-    for our_name, their_name, module in module_pairs(model):
-        if isinstance(module, ResBlock):
-            for a, b in RESBLOCK_NAMES.items():
-                if a != "shortcut" or not isinstance(module.shortcut, torch.nn.Identity):
-                    for p in ("weight", "bias"):
-                        ours[f"{our_name}.{a}.{p}"] = take(f"{their_name}.{b}.{p}")
-        elif isinstance(module, AttnBlock):
-            for p in ("weight", "bias"):
-                ours[f"{our_name}.norm.{p}"] = take(f"{their_name}.group_norm.{p}")
-                qkv = torch.cat([take(f"{their_name}.to_{x}.{p}") for x in "qkv"])
-                ours[f"{our_name}.qkv.{p}"] = qkv[..., None, None] if p == "weight" else qkv
-                out = take(f"{their_name}.to_out.0.{p}")
-                ours[f"{our_name}.proj_out.{p}"] = out[..., None, None] if p == "weight" else out
-        else:
-            for p in ("weight", "bias"):
-                ours[f"{our_name}.{p}"] = take(f"{their_name}.{p}")
+    for our_name, their_names, reshape in tensor_pairs(model):
+        tensor = torch.cat([take(name) for name in their_names])
+        ours[our_name] = tensor[..., None, None] if reshape else tensor
     config = model.config
     rows = theirs.pop("class_embedding.weight", None)
     if (rows is None) != (config.num_classes == 0):
@@ -330,23 +336,9 @@ def to_ours(theirs: dict[str, torch.Tensor], model: UNet) -> dict[str, torch.Ten
 def to_theirs(ours: dict[str, torch.Tensor], model: UNet) -> dict[str, torch.Tensor]:
     """diffusers' state dict from ours."""
     theirs = {}
-    for our_name, their_name, module in module_pairs(model):
-        if isinstance(module, ResBlock):
-            for a, b in RESBLOCK_NAMES.items():
-                if a != "shortcut" or not isinstance(module.shortcut, torch.nn.Identity):
-                    for p in ("weight", "bias"):
-                        theirs[f"{their_name}.{b}.{p}"] = ours[f"{our_name}.{a}.{p}"]
-        elif isinstance(module, AttnBlock):
-            for p in ("weight", "bias"):
-                theirs[f"{their_name}.group_norm.{p}"] = ours[f"{our_name}.norm.{p}"]
-                qkv = ours[f"{our_name}.qkv.{p}"].flatten(1) if p == "weight" else ours[f"{our_name}.qkv.{p}"]
-                for x, part in zip("qkv", qkv.chunk(3)):
-                    theirs[f"{their_name}.to_{x}.{p}"] = part
-                out = ours[f"{our_name}.proj_out.{p}"]
-                theirs[f"{their_name}.to_out.0.{p}"] = out.flatten(1) if p == "weight" else out
-        else:
-            for p in ("weight", "bias"):
-                theirs[f"{their_name}.{p}"] = ours[f"{our_name}.{p}"]
+    for our_name, their_names, reshape in tensor_pairs(model):
+        tensor = ours[our_name].flatten(1) if reshape else ours[our_name]
+        theirs.update(zip(their_names, tensor.chunk(len(their_names))))
     config, rows = model.config, ours["class_embed.weight"]
     if config.num_classes == 0:
         # The only label, 0, adds a constant to the embedding: diffusers' unconditional model has it in the bias.
@@ -407,8 +399,8 @@ def save_diffusers(ckpt: Checkpoint, out: str | os.PathLike) -> None:
         raise CheckpointError(f"a {ckpt.runtime} export cannot be converted: pass its .safetensors checkpoint")
     out = Path(out)
     unet = unet_config(ckpt.config, ckpt.class_names)
-    state = {name: t.detach().to("cpu", torch.float32) for name, t in ckpt.model.state_dict().items()}
-    tensors = {name: t.contiguous() for name, t in to_theirs(state, ckpt.model).items()}
+    state = {name: t.detach().to("cpu", torch.float32) for name, t in ckpt.unet.state_dict().items()}
+    tensors = {name: t.contiguous() for name, t in to_theirs(state, ckpt.unet).items()}
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     atomic_write(out / SCHEDULER, lambda tmp: Path(tmp).write_text(json.dumps(scheduler_config(ckpt.diffusion), indent=2) + "\n"))

@@ -33,7 +33,7 @@ from torch import nn
 import kernels
 from engine.config import DTYPES
 from engine.errors import ConfigError
-from engine.model import AttnBlock, GroupNorm32, ResBlock, UNet, swap_modules, timestep_embedding, trunk
+from engine.model import AttnBlock, GroupNorm32, ResBlock, UNet, swap_modules, trunk
 
 
 class FusedGroupNorm(nn.Module):
@@ -116,9 +116,7 @@ class FusedUNet(nn.Module):
         self.register_buffer("emb_bias", torch.cat([blk.emb_proj.bias for blk in self.res_blocks]), persistent=False)
         self.requires_grad_(False)
 
-    def embed(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The conditioning vector, float32, exactly as UNet.embed."""
-        return self.time_mlp(timestep_embedding(t, self.config.ch)) + self.class_embed(y)
+    embed = UNet.embed  # the conditioning vector, float32 here (time_mlp and class_embed are kept float32)
 
     def block_embeddings(self, emb: torch.Tensor) -> list[torch.Tensor]:
         """emb_proj(silu(emb)) of every ResBlock, in forward order, float32 (B, out_ch) each."""

@@ -191,3 +191,12 @@ def swap_modules(model: nn.Module, swaps: dict[type, Callable[[nn.Module], nn.Mo
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def keep_float32_islands(model: UNet) -> UNet:
+    """Return `model` (cast to a lower precision) with its float32 islands cast back, in place: the
+    time and class embeddings (UNet.forward casts their sum to x's dtype) and every GroupNorm's affine
+    parameters (GroupNorm32 computes its statistics in float32 and needs float32 parameters)."""
+    for module in (model.time_mlp, model.class_embed, *(m for m in model.modules() if isinstance(m, nn.GroupNorm))):
+        module.float()
+    return model

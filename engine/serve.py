@@ -50,8 +50,9 @@ from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Route
 
 from engine.checkpoint import Checkpoint
-from engine.clitools import MAX_GUIDANCE, UsageError, model_classes, one_line, resolve_guidance
+from engine.clitools import MAX_GUIDANCE, model_classes, one_line, resolve_guidance
 from engine.core import Engine, EngineClosed, NonFiniteImages, Request
+from engine.errors import UserError
 from engine.generate import labels_for, to_uint8
 from engine.images import class_rows, grid
 from engine.noise import MASK32, image_keys
@@ -132,7 +133,7 @@ def parse_job(body: object, ckpt: Checkpoint, max_images: int) -> Job:
     try:
         classes = model_classes(picked, ckpt, flag="classes")
         guidance = resolve_guidance(get("guidance", float, None, 0.0, MAX_GUIDANCE), SAMPLE.guidance, ckpt.config)
-    except UsageError as e:
+    except UserError as e:
         raise BadRequest(422, str(e).replace("--guidance", "guidance")) from None
     T = ckpt.diffusion.num_timesteps
     settings = SampleSettings(
@@ -402,6 +403,11 @@ class Api:
     async def http_error(self, http: HttpRequest, error: HTTPException) -> Response:
         return error_response(error.status_code, error.detail, getattr(error, "headers", None))
 
+    async def user_error(self, http: HttpRequest, error: UserError) -> Response:
+        """Bad input found past parse_job (e.g. by the engine's own check of the settings): a 422."""
+        self.metrics.rejected.labels("invalid").inc()
+        return error_response(422, one_line(error) or type(error).__name__)
+
 
 class TokenGuard:
     """ASGI middleware: every path but /healthz needs `Authorization: Bearer TOKEN`, checked before any
@@ -428,7 +434,7 @@ def build_app(service: Service):
         Route("/", api.index), Route("/healthz", api.healthz), Route("/readyz", api.readyz),
         Route("/metrics", api.metrics_text), Route("/v1/model", api.model),
         Route("/v1/images", api.images, methods=["POST"]),
-    ], exception_handlers={BadRequest: api.bad_request, HTTPException: api.http_error})
+    ], exception_handlers={BadRequest: api.bad_request, UserError: api.user_error, HTTPException: api.http_error})
     return app if service.options.token is None else TokenGuard(app, service.options.token, service.metrics)
 
 

@@ -40,9 +40,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from engine.checkpoint import FORMAT, Checkpoint, atomic_write
+from engine.checkpoint import Checkpoint, atomic_write, checkpoint_metadata
 from engine.errors import UserError
-from engine.model import AttnBlock, GroupNorm32, UNet, swap_modules
+from engine.model import AttnBlock, GroupNorm32, UNet, keep_float32_islands, swap_modules
 from engine.runtimes.onnx import INPUT_NAMES, OUTPUT_NAME, open_session
 
 # Opset 17: before GroupNormalization (18/21) and the ReduceMean axes-as-input change (18);
@@ -106,24 +106,16 @@ class EpsilonGraph(nn.Module):
 
 def export_module(model: UNet, fp16: bool) -> EpsilonGraph:
     """A copy of `model` with GroupNorm and attention swapped for their export versions."""
-    # Children first: an attention block keeps its norm, already swapped.
-    unet = swap_modules(copy.deepcopy(model).cpu().float().eval(), {GroupNorm32: ExportGroupNorm, AttnBlock: ExportAttnBlock})
+    unet = copy.deepcopy(model).cpu().float().eval()
     if fp16:
-        unet.half()
-        # Float32 islands: the embeddings (UNet.forward casts emb to x's dtype) and the norms' affine parameters.
-        for module in (unet.time_mlp, unet.class_embed, *(m for m in unet.modules() if isinstance(m, ExportGroupNorm))):
-            module.float()
+        unet = keep_float32_islands(unet.half())
+    # Children first: an attention block keeps its norm, already swapped.
+    unet = swap_modules(unet, {GroupNorm32: ExportGroupNorm, AttnBlock: ExportAttnBlock})
     return EpsilonGraph(unet, torch.float16 if fp16 else torch.float32).eval()
 
 
 def metadata_props(ckpt: Checkpoint, fp16: bool) -> dict[str, str]:
-    return {
-        "format": FORMAT,
-        "model_config": ckpt.model.config.to_json(),
-        "diffusion_config": ckpt.diffusion.to_json(),
-        "class_names": json.dumps(list(ckpt.class_names)),
-        "precision": "fp16" if fp16 else "fp32",
-    }
+    return checkpoint_metadata(ckpt.config, ckpt.diffusion, ckpt.class_names) | {"precision": "fp16" if fp16 else "fp32"}
 
 
 def random_inputs(config, batch: int, seed: int, num_timesteps: int) -> tuple[torch.Tensor, ...]:
@@ -148,8 +140,8 @@ def write_onnx(ckpt: Checkpoint, path: str | os.PathLike, fp16: bool, opset: int
     except ImportError:
         raise ExportError("exporting needs onnx and onnxruntime: pip install 'ddpm-engine[export]'") from None
 
-    graph = export_module(ckpt.model, fp16)
-    example = random_inputs(ckpt.model.config, 2, 0, ckpt.diffusion.num_timesteps)
+    graph = export_module(ckpt.unet, fp16)
+    example = random_inputs(ckpt.config, 2, 0, ckpt.diffusion.num_timesteps)
     batch = {0: "batch"}
     with warnings.catch_warnings():
         # The TorchScript exporter is deprecated in favour of dynamo, and the tracer warns
@@ -190,7 +182,7 @@ def verify_onnx(path: str | os.PathLike, ckpt: Checkpoint, fp16: bool, batches=(
     # The reference runs on the CPU in float32: on CUDA, convolutions default to TF32 (~1e-3
     # relative), which alone would fail the fp32 tolerance. A copy, so the checkpoint's model
     # keeps its device and dtype.
-    model = ckpt.model
+    model = ckpt.unet
     if next(model.parameters()).device.type != "cpu" or any(p.dtype != torch.float32 for p in model.parameters()):
         model = copy.deepcopy(model).cpu().float()
     model.eval()
@@ -240,7 +232,7 @@ def content_key(ckpt: Checkpoint, fp16: bool, opset: int = DEFAULT_OPSET) -> str
     """sha256 of what the exported graph depends on: the weights (as float32), the configs, the
     class names, the precision, the opset and the versions of torch and this exporter."""
     digest = hashlib.sha256(json.dumps([metadata_props(ckpt, fp16), opset, torch.__version__]).encode())
-    for name, tensor in sorted(ckpt.model.state_dict().items()):
+    for name, tensor in sorted(ckpt.unet.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return digest.hexdigest()[:32]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from engine.checkpoint import Checkpoint, CheckpointError
+from engine.checkpoint import Checkpoint, CheckpointError, json_header
 from engine.config import ModelConfig
 from engine.errors import UserError
 from engine.runtimes.onnx import INPUT_NAMES, OUTPUT_NAME, parse_metadata
@@ -55,17 +55,12 @@ def read_plan(path: str | os.PathLike) -> tuple[dict[str, str], bytes]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
-    data = path.read_bytes()
-    header_len = int.from_bytes(data[:8], "little")
     try:
-        if not 0 < header_len <= len(data) - 8:
-            raise ValueError
-        metadata = json.loads(data[8:8 + header_len])
-        if not isinstance(metadata, dict):
-            raise ValueError
-    except (ValueError, UnicodeDecodeError):
+        with open(path, "rb") as f:
+            metadata, _ = json_header(f, path.stat().st_size)
+            return metadata, f.read()
+    except (ValueError, RecursionError):
         raise CheckpointError(f"{path} is not a ddpm-engine TensorRT plan (no metadata header)") from None
-    return metadata, data[8 + header_len:]
 
 
 class TensorRTEpsilonModel:

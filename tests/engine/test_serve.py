@@ -241,7 +241,7 @@ def test_token_and_full_queue(checkpoint, tmp_path):
 
 
 def test_sigterm_finishes_in_flight_requests_then_exits_0(checkpoint, tmp_path):
-    s = Server(checkpoint, tmp_path)
+    s = Server(checkpoint, tmp_path, "--grace", "300")  # the drain's bound, far past the request on a loaded machine
     answers = []
     in_flight = threading.Thread(target=lambda: answers.append(s.post({"n": 4, "steps": 300, "sampler": "ddpm"})))
     in_flight.start()
@@ -253,7 +253,7 @@ def test_sigterm_finishes_in_flight_requests_then_exits_0(checkpoint, tmp_path):
     in_flight.join(60)
     assert s.stop(sig=None) == 0  # the one SIGTERM above: a second one during the drain would kill it
     status, _, data = answers[0]
-    assert status == 200 and len(json.loads(data)["images"]) == 4
+    assert status == 200 and len(json.loads(data)["images"]) == 4, data
     assert "Traceback" not in s.log()
 
 
