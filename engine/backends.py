@@ -145,7 +145,7 @@ def eps_model(ckpt: Checkpoint, name: str, device: torch.device, precision: str,
                 return "eager-fp32", ckpt.unet.eval(), False
             return f"eager-{precision}", EagerModel(ckpt.unet, dtype), False
         case "compile":
-            # The default mode: max-autotune did not finish in 5 min at batch 1024 on the H200 (GPU.md).
+            # The default mode: max-autotune did not finish in 5 min at batch 1024 on an H200.
             return f"compile-{precision}", torch.compile(EagerModel(ckpt.unet, dtype)), False
         case "fused":
             from engine.fused import fuse

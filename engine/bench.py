@@ -4,7 +4,7 @@ A step is what the sampler does per timestep: the U-Net on the batch of 2B (cond
 unconditional halves), the guidance combine, the per-image noise and the DDPM update
 (engine.core.Engine.fixed_step); for the fused backend on CUDA it is one CUDA-graph replay
 of exactly that. `batch` is the U-Net batch (images
-x2 under guidance), as in ../shared/GPU.md. images/s is for a whole run of `steps` steps.
+x2 under guidance). images/s is for a whole run of `steps` steps.
 Random weights (speed does not depend on them). Times: CUDA events on the GPU after
 warm-up, perf_counter on the CPU; the first call (compilation, autotuning, graph capture)
 is reported apart.

@@ -2,7 +2,7 @@
 
 `load_onnx(path, device)` returns the same `Checkpoint` as `engine.checkpoint.load_checkpoint`,
 with a callable eps(x, t, y) in place of the U-Net (and runtime "onnx"), so the engine's
-samplers run unchanged. export/onnx_export.py writes the file and verifies it through
+samplers run unchanged. engine/runtimes/onnx_export.py writes the file and verifies it through
 `open_session`.
 On a CUDA device with onnxruntime-gpu installed the CUDA provider runs the graph with I/O
 bound to the torch tensors (no host copies, on torch's current stream); otherwise the CPU

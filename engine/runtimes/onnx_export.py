@@ -52,6 +52,8 @@ OPSETS = range(14, 21)
 # Verification tolerance on ||ort - torch|| / ||torch||, per precision; the reference is
 # always the float32 eager model.
 TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2}
+# The exporter's version, part of the cache key: raise it when a change here changes the graph written.
+EXPORTER = 2
 
 
 class ExportError(UserError):
@@ -230,8 +232,8 @@ def cache_folder() -> Path:
 
 def content_key(ckpt: Checkpoint, fp16: bool, opset: int = DEFAULT_OPSET) -> str:
     """sha256 of what the exported graph depends on: the weights (as float32), the configs, the
-    class names, the precision, the opset and the versions of torch and this exporter."""
-    digest = hashlib.sha256(json.dumps([metadata_props(ckpt, fp16), opset, torch.__version__]).encode())
+    class names, the precision, the opset and the versions of torch and of this exporter (EXPORTER)."""
+    digest = hashlib.sha256(json.dumps([metadata_props(ckpt, fp16), opset, torch.__version__, EXPORTER]).encode())
     for name, tensor in sorted(ckpt.unet.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
