@@ -21,15 +21,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from engine.config import CIFAR10_CLASSES, STL10_CLASSES
-from engine.datasets import DataError, read_cifar_labelled, read_rgb
-from engine.errors import UserError
+from engine.datasets import IMAGE_SUFFIXES, DataError, read_cifar_labelled, read_rgb
 
 DATASETS = ("cifar10", "stl10", "folder", "synthetic")
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-
-
-class DatasetError(UserError):
-    """A dataset that is missing, malformed or could not be downloaded."""
 
 
 @dataclass(frozen=True)
@@ -70,12 +64,12 @@ def load_dataset(name: str, data_dir: Path | None, image_size: int, seed: int = 
             dataset = load_stl10(data_dir or Path("data"))
         case "folder":
             if data_dir is None:
-                raise DatasetError("--dataset folder needs --data-dir DIR (one sub-folder of images per class)")
+                raise DataError("--dataset folder needs --data-dir DIR (one sub-folder of images per class)")
             dataset = load_folder(data_dir, image_size)
         case "synthetic":
             dataset = make_synthetic(image_size, seed=seed)
         case _:
-            raise DatasetError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+            raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     dataset.images = resize(dataset.images, image_size)
     return dataset
 
@@ -115,7 +109,7 @@ def load_cifar10(data_dir: Path) -> Dataset:
             with tarfile.open(archive, "r:gz") as tar:
                 batches = [_read_cifar_batch(member, lambda m: _tar_member(tar, m)) for member in CIFAR10_MEMBERS]
         except (tarfile.TarError, OSError, EOFError) as e:
-            raise DatasetError(f"{archive} is not a readable cifar-10-python.tar.gz ({e})") from None
+            raise DataError(f"{archive} is not a readable cifar-10-python.tar.gz ({e})") from None
     images = np.concatenate([b[0] for b in batches])
     labels = np.concatenate([b[1] for b in batches])
     return Dataset(torch.from_numpy(images), torch.from_numpy(labels), CIFAR10_CLASSES)
@@ -128,9 +122,9 @@ def check_md5(path: Path, archive: Archive) -> None:
             while chunk := f.read(1 << 20):
                 md5.update(chunk)
     except OSError as e:
-        raise DatasetError(f"cannot read {path}: {e.strerror}") from None
+        raise DataError(f"cannot read {path}: {e.strerror}") from None
     if md5.hexdigest() != archive.md5:
-        raise DatasetError(f"{path}: md5 {md5.hexdigest()} is not the official archive's; delete it to "
+        raise DataError(f"{path}: md5 {md5.hexdigest()} is not the official archive's; delete it to "
                            "download the real one")
 
 
@@ -140,7 +134,7 @@ def _tar_member(tar: tarfile.TarFile, name: str) -> bytes:
     except KeyError:
         member = None
     if member is None:
-        raise DatasetError(f"{tar.name} has no file {name}: not the official cifar-10-python.tar.gz")
+        raise DataError(f"{tar.name} has no file {name}: not the official cifar-10-python.tar.gz")
     return member.read()
 
 
@@ -149,11 +143,8 @@ def _read_cifar_batch(where, read) -> tuple[np.ndarray, np.ndarray]:
     try:
         raw = read(where)
     except FileNotFoundError:
-        raise DatasetError(f"{where} is missing: the CIFAR-10 folder is incomplete") from None
-    try:
-        return read_cifar_labelled(raw, str(where))
-    except DataError as e:
-        raise DatasetError(str(e)) from None
+        raise DataError(f"{where} is missing: the CIFAR-10 folder is incomplete") from None
+    return read_cifar_labelled(raw, str(where))
 
 
 def download(archive: Archive, dest: Path) -> None:
@@ -161,7 +152,7 @@ def download(archive: Archive, dest: Path) -> None:
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise DatasetError(f"cannot create --data-dir {dest.parent}: {e.strerror}") from None
+        raise DataError(f"cannot create --data-dir {dest.parent}: {e.strerror}") from None
     tmp = dest.with_name(f".{dest.name}.part")
     print(f"downloading {archive.url} to {dest}", flush=True)
     md5 = hashlib.md5()
@@ -171,10 +162,10 @@ def download(archive: Archive, dest: Path) -> None:
                 md5.update(chunk)
                 f.write(chunk)
         if md5.hexdigest() != archive.md5:
-            raise DatasetError(f"checksum mismatch for {archive.url}: md5 {md5.hexdigest()}, expected {archive.md5}")
+            raise DataError(f"checksum mismatch for {archive.url}: md5 {md5.hexdigest()}, expected {archive.md5}")
         os.replace(tmp, dest)
     except (urllib.error.URLError, OSError) as e:
-        raise DatasetError(f"could not download {archive.url} into {dest.parent}: {getattr(e, 'reason', e)}") from None
+        raise DataError(f"could not download {archive.url} into {dest.parent}: {getattr(e, 'reason', e)}") from None
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -187,7 +178,7 @@ def load_stl10(data_dir: Path) -> Dataset:
     missing = [f"{split}_{kind}.bin" for split in STL10_SPLITS for kind in ("X", "y")
                if not (split == "unlabeled" and kind == "y") and not (folder / f"{split}_{kind}.bin").is_file()]
     if missing:
-        raise DatasetError(f"{folder} lacks {', '.join(missing)}; download and extract {STL10_URL} into {data_dir}")
+        raise DataError(f"{folder} lacks {', '.join(missing)}; download and extract {STL10_URL} into {data_dir}")
     images, labels = [], []
     for split in STL10_SPLITS:
         x = _read_stl_images(folder / f"{split}_X.bin")
@@ -196,7 +187,7 @@ def load_stl10(data_dir: Path) -> Dataset:
         else:
             y = np.fromfile(folder / f"{split}_y.bin", dtype=np.uint8).astype(np.int64) - 1  # stored as 1..10
             if len(y) != len(x) or y.min(initial=0) < 0 or y.max(initial=0) > 9:
-                raise DatasetError(f"{folder}/{split}_y.bin: {len(y)} labels (must be 1..10) for {len(x)} images")
+                raise DataError(f"{folder}/{split}_y.bin: {len(y)} labels (must be 1..10) for {len(x)} images")
         images.append(x)
         labels.append(torch.from_numpy(y))
     return Dataset(torch.cat(images), torch.cat(labels), STL10_CLASSES)
@@ -205,7 +196,7 @@ def load_stl10(data_dir: Path) -> Dataset:
 def _read_stl_images(path: Path) -> torch.Tensor:
     size = path.stat().st_size
     if size == 0 or size % (3 * 96 * 96):
-        raise DatasetError(f"{path}: {size} bytes is not a whole number of 3 x 96 x 96 images")
+        raise DataError(f"{path}: {size} bytes is not a whole number of 3 x 96 x 96 images")
     # Each channel is stored column-major, hence the transpose of the last two axes.
     raw = np.memmap(path, dtype=np.uint8, mode="r").reshape(-1, 3, 96, 96)
     return torch.from_numpy(np.ascontiguousarray(raw.transpose(0, 1, 3, 2)))
@@ -216,12 +207,12 @@ def _read_stl_images(path: Path) -> torch.Tensor:
 def load_folder(root: Path, image_size: int) -> Dataset:
     """One sub-folder per class; alphabetical folder order is label order."""
     if not root.is_dir():
-        raise DatasetError(f"--data-dir {root} is not a folder")
+        raise DataError(f"--data-dir {root} is not a folder")
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     files = {d.name: sorted(f for f in d.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES) for d in class_dirs}
     if not class_dirs or not all(files.values()):
         empty = [name for name, f in files.items() if not f]
-        raise DatasetError(f"{root} must hold one sub-folder of images per class"
+        raise DataError(f"{root} must hold one sub-folder of images per class"
                            + (f"; empty: {', '.join(empty)}" if empty else "; it has no sub-folders"))
     images, labels = [], []
     for label, d in enumerate(class_dirs):
@@ -234,10 +225,7 @@ def load_folder(root: Path, image_size: int) -> Dataset:
 
 def _read_image(path: Path, size: int) -> np.ndarray:
     """3 x size x size uint8; engine.datasets.read_rgb refuses bombs and scales 16-bit images to 8 bits."""
-    try:
-        img = read_rgb(path, str(path))
-    except DataError as e:
-        raise DatasetError(str(e)) from None
+    img = read_rgb(path, str(path))
     if img.size != (size, size):
         img = img.resize((size, size), Image.BICUBIC, reducing_gap=None)
     return np.asarray(img).transpose(2, 0, 1)

@@ -8,9 +8,10 @@ import torch
 from PIL import Image
 
 from engine.config import CIFAR10_CLASSES, STL10_CLASSES
+from engine.datasets import DataError
 from tests.training.formats import crafted_cifar10, png, write_cifar10, write_stl10
 from training import data
-from training.data import Archive, DatasetError, load_dataset, make_synthetic, resize
+from training.data import Archive, load_dataset, make_synthetic, resize
 
 
 def trust(monkeypatch, archive):
@@ -43,15 +44,15 @@ def test_cifar10_downloads_and_checks_the_checksum(tmp_path, monkeypatch):
 def test_cifar10_checksum_mismatch_leaves_nothing(tmp_path, monkeypatch):
     source, _, _ = write_cifar10(tmp_path / "server")
     monkeypatch.setattr(data, "CIFAR10_ARCHIVE", Archive(source.as_uri(), "cifar-10-python.tar.gz", "0" * 32))
-    with pytest.raises(DatasetError, match="checksum mismatch"):
+    with pytest.raises(DataError, match="checksum mismatch"):
         load_dataset("cifar10", tmp_path / "data", 32)
     assert list((tmp_path / "data").iterdir()) == []
 
 
-def test_cifar10_download_failure_is_a_dataset_error(tmp_path, monkeypatch):
+def test_cifar10_download_failure_is_a_data_error(tmp_path, monkeypatch):
     missing = (tmp_path / "nowhere.tar.gz").as_uri()
     monkeypatch.setattr(data, "CIFAR10_ARCHIVE", Archive(missing, "cifar-10-python.tar.gz", "0" * 32))
-    with pytest.raises(DatasetError, match="could not download"):
+    with pytest.raises(DataError, match="could not download"):
         load_dataset("cifar10", tmp_path / "data", 32)
 
 
@@ -75,7 +76,7 @@ def test_cifar10_malformed(tmp_path, monkeypatch, damage, message):
                "label-10": pickle.dumps(batch, protocol=2),
                "no-labels": pickle.dumps({b"data": batch[b"data"]}, protocol=2)}[damage]
         (folder / ("data_batch_2" if damage == "bad-pickle" else "data_batch_1")).write_bytes(raw)
-    with pytest.raises(DatasetError, match=message):
+    with pytest.raises(DataError, match=message):
         load_dataset("cifar10", tmp_path, 32)
 
 
@@ -85,7 +86,7 @@ def test_cifar10_archive_that_is_not_the_official_one_is_refused_unread(tmp_path
     monkeypatch.setattr(data.tarfile, "open", lambda *a, **k: opened.append(a))
     md5 = hashlib.md5((tmp_path / "cifar-10-python.tar.gz").read_bytes()).hexdigest()
     assert data.CIFAR10_ARCHIVE.md5 == "c58f30108f718f92721af3b95e74349a"  # the published checksum
-    with pytest.raises(DatasetError, match=f"cifar-10-python.tar.gz: md5 {md5} is not the official archive's"):
+    with pytest.raises(DataError, match=f"cifar-10-python.tar.gz: md5 {md5} is not the official archive's"):
         load_dataset("cifar10", tmp_path, 32)
     assert opened == []
 
@@ -96,8 +97,8 @@ def test_crafted_cifar10_pickle_is_refused_and_never_run(tmp_path, monkeypatch, 
     path = crafted_cifar10(tmp_path / "data", marker, extracted)
     if not extracted:
         trust(monkeypatch, path)  # even an archive whose checksum passes is read safely
-    with pytest.raises(DatasetError, match="data_batch_1: not a CIFAR-10 batch \\(UnpicklingError: refusing to load "
-                                           "(posix|os|nt).system") as info:
+    with pytest.raises(DataError, match="data_batch_1: not a CIFAR-10 batch \\(UnpicklingError: refusing to load "
+                                        "(posix|os|nt).system") as info:
         load_dataset("cifar10", tmp_path / "data", 32)
     assert "\n" not in str(info.value)
     assert not marker.exists()
@@ -126,12 +127,12 @@ def test_stl10_resized_to_64(tmp_path):
 
 
 def test_stl10_missing_and_malformed(tmp_path):
-    with pytest.raises(DatasetError, match="train_X.bin"):
+    with pytest.raises(DataError, match="train_X.bin"):
         load_dataset("stl10", tmp_path, 64)
     write_stl10(tmp_path)
     with open(tmp_path / "stl10_binary" / "test_X.bin", "ab") as f:
         f.write(b"\x00" * 7)
-    with pytest.raises(DatasetError, match="test_X.bin"):
+    with pytest.raises(DataError, match="test_X.bin"):
         load_dataset("stl10", tmp_path, 64)
 
 
@@ -160,18 +161,18 @@ def test_folder_same_size_is_exact(tmp_path):
 
 
 def test_folder_errors(tmp_path):
-    with pytest.raises(DatasetError, match="needs --data-dir"):
+    with pytest.raises(DataError, match="needs --data-dir"):
         load_dataset("folder", None, 32)
-    with pytest.raises(DatasetError, match="not a folder"):
+    with pytest.raises(DataError, match="not a folder"):
         load_dataset("folder", tmp_path / "missing", 32)
-    with pytest.raises(DatasetError, match="no sub-folders"):
+    with pytest.raises(DataError, match="no sub-folders"):
         load_dataset("folder", tmp_path, 32)
     write_folder(tmp_path)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DatasetError, match="empty: empty"):
+    with pytest.raises(DataError, match="empty: empty"):
         load_dataset("folder", tmp_path, 32)
     (tmp_path / "empty" / "broken.png").write_bytes(b"no png")
-    with pytest.raises(DatasetError, match="broken.png"):
+    with pytest.raises(DataError, match="broken.png"):
         load_dataset("folder", tmp_path, 32)
 
 
@@ -194,7 +195,7 @@ def test_folder_16_bit_pngs_are_scaled_not_clipped(tmp_path):
 def test_folder_decompression_bomb_is_refused_in_one_line(tmp_path, size, message):
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "bomb.png").write_bytes(png(np.zeros((1, 1), np.uint8), size=size))
-    with pytest.raises(DatasetError, match=f"bomb.png: .*{message}") as info:
+    with pytest.raises(DataError, match=f"bomb.png: .*{message}") as info:
         load_dataset("folder", tmp_path, 32)
     assert "\n" not in str(info.value)
 
@@ -215,5 +216,5 @@ def test_resize_keeps_constant_images():
 
 
 def test_unknown_dataset():
-    with pytest.raises(DatasetError, match="unknown dataset"):
+    with pytest.raises(DataError, match="unknown dataset"):
         load_dataset("mnist", None, 32)
