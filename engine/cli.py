@@ -86,28 +86,49 @@ def build_parser() -> Parser:
     parser = Parser(prog="ddpm-engine", description="Sample class-conditional DDPM images with classifier-free guidance.",
                     epilog=EXAMPLES)
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    for add in (add_sample, add_interpolate, add_serve, add_bench, add_convert, add_fid, add_fid_ref):
+        add(commands)
+    return parser
 
-    def model_flags(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--checkpoint", type=Path, default=None,
-                       help="a .safetensors checkpoint, a diffusers UNet2DModel folder, an exported .onnx file "
-                            "(ONNX Runtime) or a .plan (TensorRT) (default: the bundled CIFAR-10 model)")
-        p.add_argument("--device", default="auto", help="auto, cpu or cuda[:k] (default: auto)")
-        p.add_argument("--backend", choices=BACKENDS, default="auto",
-                       help="model implementation (default: auto = fused on CUDA, the fastest correct one on the CPU)")
-        p.add_argument("--precision", choices=PRECISIONS, default="auto",
-                       help="for fused, eager and compile (default: auto = bf16 on CUDA, fp32 on the CPU)")
 
-    def common(p: argparse.ArgumentParser) -> None:
-        model_flags(p)
-        p.add_argument("--guidance", "-w", type=guidance_scale, default=None,
-                       help=f"guidance scale w in (1 + w) eps(x, c) - w eps(x, null); 0 = purely conditional "
-                            f"(default: {SAMPLE.guidance:g} for sample, {INTERPOLATION.guidance:g} for interpolate; "
-                            f"0 for a model without a learned null class, e.g. an unconditional one)")
-        p.add_argument("--seed", type=int_range(0, MASK32), default=0, help="run seed (default: 0)")
-        p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+def model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="a .safetensors checkpoint, a diffusers UNet2DModel folder, an exported .onnx file "
+                        "(ONNX Runtime) or a .plan (TensorRT) (default: the bundled CIFAR-10 model)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:k] (default: auto)")
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="model implementation (default: auto = fused on CUDA, the fastest correct one on the CPU)")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="for fused, eager and compile (default: auto = bf16 on CUDA, fp32 on the CPU)")
 
+
+def sampling_flags(p: argparse.ArgumentParser) -> None:
+    model_flags(p)
+    p.add_argument("--guidance", "-w", type=guidance_scale, default=None,
+                   help=f"guidance scale w in (1 + w) eps(x, c) - w eps(x, null); 0 = purely conditional "
+                        f"(default: {SAMPLE.guidance:g} for sample, {INTERPOLATION.guidance:g} for interpolate; "
+                        f"0 for a model without a learned null class, e.g. an unconditional one)")
+    p.add_argument("--seed", type=int_range(0, MASK32), default=0, help="run seed (default: 0)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def evaluation_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--split", choices=SPLITS, default=None,
+                   help="for a data set with train and test images (default: test)")
+    p.add_argument("--inception", type=Path, default=None,
+                   help="the Inception TorchScript file (default: $DDPM_INCEPTION, else the one the "
+                        "`eval` extra installs); NVIDIA's inception-2015-12-05.pt also gives IS")
+    p.add_argument("--batch-size", type=int_range(1), default=8, help="images per network call (default: 8)")
+    p.add_argument("--backend", choices=FID_BACKENDS, default="auto",
+                   help="auto = ONNX Runtime on the CPU when installed, else TorchScript (default: auto)")
+    p.add_argument("--device", default="cpu", help="cpu, auto or cuda[:k] (default: cpu)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def add_sample(commands) -> None:
+    """ddpm-engine sample: N images into a folder (PNGs, a grid and samples.npz)."""
     sample = commands.add_parser("sample", help="sample N images", epilog=EXAMPLES)
-    common(sample)
+    sampling_flags(sample)
     sample.add_argument("-n", type=int_range(1, MAX_IMAGES), default=None,
                         help=f"number of images (default: 10 per class; at most {MAX_IMAGES:,})")
     sample.add_argument("--classes", default=None, help="comma-separated class indices or names (default: all)")
@@ -126,9 +147,12 @@ def build_parser() -> Parser:
                              f"cost more per image; at most {SHARD_IMAGES})")
     sample.add_argument("--out", type=Path, default=Path("samples"), help="output folder (default: ./samples)")
 
+
+def add_interpolate(commands) -> None:
+    """ddpm-engine interpolate: rows of frames between pairs of samples."""
     interp = commands.add_parser("interpolate", help="interpolate between pairs of samples (lerp and slerp)",
                                  epilog=EXAMPLES)
-    common(interp)
+    sampling_flags(interp)
     interp.add_argument("--class", dest="class_name", default=None, help="class index or name (default: 0)")
     interp.add_argument("--pairs", type=int_range(1), default=1, help="pairs of end points (default: 1)")
     interp.add_argument("--frames", type=int_range(2), default=9, help="images per row, ends included (default: 9)")
@@ -138,6 +162,9 @@ def build_parser() -> Parser:
                         help=f"sampling steps (default: {DDIM_STEPS} for ddim, {DPM_STEPS} for dpm++2m)")
     interp.add_argument("--out", type=Path, default=Path("interpolation"), help="output folder (default: ./interpolation)")
 
+
+def add_serve(commands) -> None:
+    """ddpm-engine serve: the HTTP server."""
     serve = commands.add_parser("serve", help="serve sampling over HTTP (the `serve` extra)", epilog=SERVE_EXAMPLES)
     model_flags(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
@@ -156,6 +183,9 @@ def build_parser() -> Parser:
                        help="step: requests join the batch at any step (default); request: whole-request batching, "
                             "the baseline of benchmarks/bench_serve.py")
 
+
+def add_bench(commands) -> None:
+    """ddpm-engine bench: per-step speed of each backend."""
     bench_cmd = commands.add_parser("bench", help="per-step latency and images/s of each backend, same run",
                                     epilog=EXAMPLES)
     bench_cmd.add_argument("--preset", choices=list(PRESETS), default="ddpm-cifar10", help="default: ddpm-cifar10")
@@ -170,6 +200,9 @@ def build_parser() -> Parser:
                            help="on the CPU, skip cases estimated to take longer (default: 20)")
     bench_cmd.add_argument("--device", default="auto", help="auto, cpu or cuda[:k] (default: auto)")
 
+
+def add_convert(commands) -> None:
+    """ddpm-engine convert: diffusers folders to checkpoints and back."""
     convert = commands.add_parser("convert", help="a diffusers UNet2DModel folder to a checkpoint, or back",
                                   epilog=EXAMPLES)
     convert.add_argument("checkpoint", type=Path, nargs="?", default=None,
@@ -182,26 +215,20 @@ def build_parser() -> Parser:
                            help="write CHECKPOINT as a folder diffusers' UNet2DModel and DDPMScheduler load")
     convert.add_argument("--out", type=Path, default=None, help="the checkpoint to write (with --from-diffusers)")
 
-    def evaluation(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--split", choices=SPLITS, default=None,
-                       help="for a data set with train and test images (default: test)")
-        p.add_argument("--inception", type=Path, default=None,
-                       help="the Inception TorchScript file (default: $DDPM_INCEPTION, else the one the "
-                            "`eval` extra installs); NVIDIA's inception-2015-12-05.pt also gives IS")
-        p.add_argument("--batch-size", type=int_range(1), default=8, help="images per network call (default: 8)")
-        p.add_argument("--backend", choices=FID_BACKENDS, default="auto",
-                       help="auto = ONNX Runtime on the CPU when installed, else TorchScript (default: auto)")
-        p.add_argument("--device", default="cpu", help="cpu, auto or cuda[:k] (default: cpu)")
-        p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
+def add_fid(commands) -> None:
+    """ddpm-engine fid: FID (and IS) of samples against a reference."""
     fid_cmd = commands.add_parser("fid", help="FID (and IS) of samples against a reference, into fid.json",
                                   epilog=EXAMPLES)
     fid_cmd.add_argument("samples", type=Path,
                          help="a samples.npz, a folder holding one (as `ddpm-engine sample` writes), or a folder of images")
     fid_cmd.add_argument("--ref", type=Path, required=True,
                          help="statistics from `ddpm-engine fid-ref`, or any data set fid-ref reads")
-    evaluation(fid_cmd)
+    evaluation_flags(fid_cmd)
 
+
+def add_fid_ref(commands) -> None:
+    """ddpm-engine fid-ref: reference statistics of a data set."""
     ref_cmd = commands.add_parser("fid-ref", help="reference statistics (mu, sigma) of a data set, for fid",
                                   epilog=EXAMPLES)
     ref_cmd.add_argument("data", type=Path,
@@ -209,8 +236,7 @@ def build_parser() -> Parser:
     ref_cmd.add_argument("--out", type=Path, required=True, help="the statistics file to write (.npz)")
     ref_cmd.add_argument("--limit", type=int_range(2), default=None,
                          help="use only N images, evenly spaced over the split (keeps a class-sorted set balanced)")
-    evaluation(ref_cmd)
-    return parser
+    evaluation_flags(ref_cmd)
 
 
 SERVE_EXAMPLES = """examples:

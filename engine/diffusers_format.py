@@ -123,6 +123,26 @@ def refuse(source: str, field: str, value: object, why: str) -> CheckpointError:
 
 def model_config(unet: dict, source: str = CONFIG) -> tuple[ModelConfig, tuple[str, ...]]:
     """Our ModelConfig and class names for a UNet2DModel config; refuses what our U-Net cannot compute."""
+    cfg = unet_fields(unet, source)
+    channels, attention = block_layout(cfg, source)
+    ch, size = channels[0], sample_size(cfg, source)
+    check_attention(cfg, channels, attention, source)
+    num_classes, learned_null, names = class_labels(unet, cfg, source)
+    config = ModelConfig(
+        image_size=size, in_channels=cfg["in_channels"], ch=ch, ch_mult=tuple(c // ch for c in channels),
+        num_res_blocks=cfg["layers_per_block"],
+        attn_resolutions=tuple(size >> level for level, attn in enumerate(attention) if attn),
+        dropout=cfg["dropout"], num_classes=num_classes, num_groups=cfg["norm_num_groups"],
+        downsample_padding=cfg["downsample_padding"], norm_eps=cfg["norm_eps"], learned_null=learned_null)
+    try:
+        config.validate()
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{source}: {e}") from None
+    return config, names
+
+
+def unet_fields(unet: dict, source: str) -> dict:
+    """The UNet2DModel config with diffusers' defaults filled in; only the fields and values we compute."""
     name = unet.get("_class_name", "UNet2DModel")
     if name != "UNet2DModel":
         raise CheckpointError(f"{source}: _class_name {str(name)[:40]!r} is not UNet2DModel (only pixel-space "
@@ -134,12 +154,19 @@ def model_config(unet: dict, source: str = CONFIG) -> tuple[ModelConfig, tuple[s
     for field, accepted in UNET_FIXED.items():
         if cfg[field] not in accepted:
             raise refuse(source, field, cfg[field], f"our U-Net supports only {json.dumps(accepted[0])}")
+    if cfg["out_channels"] != cfg["in_channels"]:
+        raise refuse(source, "out_channels", cfg["out_channels"], "the model must predict eps, with in_channels channels")
+    if cfg["downsample_padding"] not in (0, 1):
+        raise refuse(source, "downsample_padding", cfg["downsample_padding"], "only 0 (bottom/right) or 1 (every side)")
+    return cfg
 
+
+def block_layout(cfg: dict, source: str) -> tuple[list[int], list[bool]]:
+    """(width of each level, whether it attends), from block_out_channels and the block types."""
     channels = cfg["block_out_channels"]
     if not isinstance(channels, list) or not channels or not all(type(c) is int and c > 0 for c in channels):
         raise refuse(source, "block_out_channels", channels, "must be a list of positive integers")
-    ch = channels[0]
-    if any(c % ch for c in channels):
+    if any(c % channels[0] for c in channels):
         raise refuse(source, "block_out_channels", channels, "every width must be a multiple of the first")
     down, up = cfg["down_block_types"], cfg["up_block_types"]
     for field, types, kinds in (("down_block_types", down, ("DownBlock2D", "AttnDownBlock2D")),
@@ -149,18 +176,23 @@ def model_config(unet: dict, source: str = CONFIG) -> tuple[ModelConfig, tuple[s
     attention = [t == "AttnDownBlock2D" for t in down]
     if [t == "AttnUpBlock2D" for t in reversed(up)] != attention:
         raise refuse(source, "up_block_types", up, "attention must be at the same resolutions as in down_block_types")
+    return channels, attention
 
+
+def sample_size(cfg: dict, source: str) -> int:
     size = cfg["sample_size"]
     if isinstance(size, list) and len(size) == 2 and size[0] == size[1]:
         size = size[0]
     if type(size) is not int:
         raise refuse(source, "sample_size", size, "need one integer side (square images)")
-    if cfg["out_channels"] != cfg["in_channels"]:
-        raise refuse(source, "out_channels", cfg["out_channels"], "the model must predict eps, with in_channels channels")
+    return size
+
+
+def check_attention(cfg: dict, channels: list[int], attention: list[bool], source: str) -> None:
+    """The time embedding's width and attention's norm and heads as our U-Net has them."""
+    ch = channels[0]
     if cfg["time_embedding_dim"] not in (None, 4 * ch):
         raise refuse(source, "time_embedding_dim", cfg["time_embedding_dim"], f"ours is 4 x block_out_channels[0] = {4 * ch}")
-    if cfg["downsample_padding"] not in (0, 1):
-        raise refuse(source, "downsample_padding", cfg["downsample_padding"], "only 0 (bottom/right) or 1 (every side)")
     if cfg["attn_norm_num_groups"] not in (None, cfg["norm_num_groups"]):
         raise refuse(source, "attn_norm_num_groups", cfg["attn_norm_num_groups"], "must equal norm_num_groups")
     head_dim = cfg["attention_head_dim"]
@@ -169,6 +201,10 @@ def model_config(unet: dict, source: str = CONFIG) -> tuple[ModelConfig, tuple[s
         raise refuse(source, "attention_head_dim", head_dim, "our attention is single-head: use null "
                      "(one head as wide as the block)")
 
+
+def class_labels(unet: dict, cfg: dict, source: str) -> tuple[int, bool, tuple[str, ...]]:
+    """(classes, whether the last class embedding is our learned null class, class names): the names and
+    the null class from our own marker in the config when it is there (a folder we wrote)."""
     classes = cfg["num_class_embeds"]
     if classes is not None and (type(classes) is not int or classes < 1):
         raise refuse(source, "num_class_embeds", classes, "must be a positive integer")
@@ -178,17 +214,7 @@ def model_config(unet: dict, source: str = CONFIG) -> tuple[ModelConfig, tuple[s
     names = ours.get("class_names")
     if not (isinstance(names, list) and len(names) == num_classes):
         names = [str(i) for i in range(num_classes)]
-    config = ModelConfig(
-        image_size=size, in_channels=cfg["in_channels"], ch=ch, ch_mult=tuple(c // ch for c in channels),
-        num_res_blocks=cfg["layers_per_block"],
-        attn_resolutions=tuple(size >> level for level, attn in enumerate(attention) if attn),
-        dropout=cfg["dropout"], num_classes=num_classes, num_groups=cfg["norm_num_groups"],
-        downsample_padding=cfg["downsample_padding"], norm_eps=cfg["norm_eps"], learned_null=learned_null)
-    try:
-        config.validate()
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{source}: {e}") from None
-    return config, tuple(names)
+    return num_classes, learned_null, tuple(names)
 
 
 def unet_config(config: ModelConfig, class_names: tuple[str, ...]) -> dict:
