@@ -7,21 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.cli import main
-from engine.config import PRESETS, DiffusionConfig
 from engine.checkpoint import load_checkpoint, save_checkpoint
-from engine.model import UNet
-from tests.engine.test_generate import same_images
-
-NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
-    save_checkpoint(path, UNet(PRESETS["tiny"]), DiffusionConfig(num_timesteps=50), NAMES)
-    return path
+from engine.cli import main
+from tests.engine.support import same_images
 
 
 def sample(checkpoint, out, *extra):
@@ -168,8 +156,9 @@ def test_ctrl_c_during_start_up_is_one_line(tmp_path, monkeypatch, capsys):
 
 
 def test_console_scripts_run_the_commands(monkeypatch):
-    import tomllib
     from pathlib import Path
+
+    import tomllib
 
     from engine import console
 

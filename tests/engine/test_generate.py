@@ -10,6 +10,7 @@ from engine.config import PRESETS, DiffusionConfig
 from engine.generate import INTERPOLATION, generate, interpolate, labels_for, slerp
 from engine.model import UNet
 from engine.sampler import SampleSettings
+from tests.engine.support import same_images
 
 CONFIG = PRESETS["tiny"]
 DIFFUSION = DiffusionConfig(num_timesteps=100)
@@ -24,14 +25,6 @@ def model():
 def run(model, indices, batch_size, settings=SampleSettings(sampler="ddim", steps=4, guidance=1.5), seed=5):
     engine = build_engine(Checkpoint(model, DIFFUSION, ()), "eager", max_batch=batch_size)
     return generate(engine, settings, torch.as_tensor(indices), [0, 3, 7], seed, progress=False)
-
-
-def same_images(a: np.ndarray, b: np.ndarray) -> bool:
-    """Equal up to float rounding: the noise is bit-identical, but the CPU convolution may pick
-    another algorithm for another batch size, and a last-bit difference can flip a rounding
-    to uint8 by one level."""
-    diff = np.abs(a.astype(int) - b)
-    return diff.max() <= 1 and (diff > 0).mean() < 1e-3
 
 
 def test_image_i_does_not_depend_on_batch_size_or_run_size(model):

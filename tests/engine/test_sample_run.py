@@ -8,7 +8,6 @@ import numpy as np
 import engine.cli
 from engine.cli import main
 from engine.images import SampleRun
-from tests.engine.test_cli import checkpoint  # noqa: F401  (the tiny checkpoint fixture)
 
 
 def sample(checkpoint, out, *extra):
