@@ -20,7 +20,7 @@ from engine.bench import flops_per_image
 from engine.config import PRESETS, DiffusionConfig, ModelConfig
 from engine.diffusion import alpha_bar as make_alpha_bar
 from engine.model import UNet, count_parameters
-from training.train import optimize
+from training.recipe import optimize
 
 CUDA = torch.cuda.is_available()
 # A training step costs about three forwards: the forward, and a backward of twice its FLOPs.

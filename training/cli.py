@@ -10,16 +10,9 @@ from pathlib import Path
 
 from engine.clitools import Parser, reported
 from engine.errors import ConfigError
-from training.train import (
-    CHOICES,
-    DEFAULT_EPOCHS,
-    FIELD_TYPES,
-    KEPT_ON_RESUME,
-    OtherRankFailed,
-    TrainConfig,
-    saved_config,
-    train,
-)
+from training.config import CHOICES, DEFAULT_EPOCHS, FIELD_RANGES, KEPT_ON_RESUME, TrainConfig, saved_config
+from training.prepare import OtherRankFailed
+from training.train import train
 
 EXAMPLES = """examples:
   # a CPU smoke run (a few minutes), then sample from it
@@ -45,20 +38,45 @@ DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 
 
 def field(name: str) -> dict:
-    """A flag for TrainConfig.<name>: its type and range from training.train.FIELD_TYPES (the one
+    """A flag for TrainConfig.<name>: its type and range from training.config.FIELD_RANGES (the one
     definition, which check_config also applies), and default None so that --resume can tell a
     given flag from a default."""
-    return {"type": FIELD_TYPES[name], "default": None}
+    return {"type": flag_type(name), "default": None}
+
+
+def flag_type(name: str):
+    """The argparse type of TrainConfig.<name>'s flag: the text as an int or a float, in the field's
+    Range, with check_config's words."""
+    values = FIELD_RANGES[name]
+
+    def parse(text: str) -> int | float:
+        try:
+            value = values.kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text[:40]!r} is not {'an integer' if values.kind is int else 'a number'}") from None
+        problem = values.problem(value)
+        if problem is not None:
+            raise argparse.ArgumentTypeError(problem)
+        return value
+    return parse
 
 
 def build_parser() -> Parser:
-    d = DEFAULTS
     parser = Parser(prog="ddpm-train", epilog=EXAMPLES,
                     description="Train a class-conditional DDPM with classifier-free guidance (label dropping), "
                                 "Eq. 6 warm-up, EMA and resumable checkpoints. Writes OUT/model.safetensors "
                                 "(EMA weights, loadable by ddpm-engine), OUT/state.safetensors (for --resume), "
                                 "OUT/log.csv and OUT/samples/step-XXXXXXX.png. Runs under torchrun for "
                                 "several GPUs (or CPU processes).")
+    add_run_flags(parser)
+    add_recipe_flags(parser)
+    add_output_flags(parser)
+    return parser
+
+
+def add_run_flags(parser: Parser) -> None:
+    d = DEFAULTS
     run = parser.add_argument_group("run")
     run.add_argument("--preset", choices=CHOICES["preset"], help="model preset (required unless --resume)")
     run.add_argument("--dataset", choices=CHOICES["dataset"], help="training data (required unless --resume)")
@@ -83,6 +101,9 @@ def build_parser() -> Parser:
                           "holds) and its length unless --steps/--epochs is given; --device, --compile and "
                           "--time-limit are this invocation's")
 
+
+def add_recipe_flags(parser: Parser) -> None:
+    d = DEFAULTS
     recipe = parser.add_argument_group("recipe")
     recipe.add_argument("--lr", **field("lr"), help=f"base_lr of Eq. 6 (default: {d['lr']})")
     recipe.add_argument("--warmup-multiplier", **field("warmup_multiplier"),
@@ -107,6 +128,9 @@ def build_parser() -> Parser:
                         help="start a new run from this checkpoint's weights (model and EMA; fresh optimizer), "
                              "e.g. to continue a model on a new machine or to fine-tune")
 
+
+def add_output_flags(parser: Parser) -> None:
+    d = DEFAULTS
     output = parser.add_argument_group("output and speed")
     output.add_argument("--checkpoint-every", **field("checkpoint_every"),
                         help=f"steps between checkpoints (default: {d['checkpoint_every']}; always at the end)")
@@ -136,7 +160,6 @@ def build_parser() -> Parser:
                              "CPUs with bf16 instructions, else fp32)")
     output.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA: faster after warm-up)")
     output.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    return parser
 
 
 def make_config(args: argparse.Namespace) -> TrainConfig:

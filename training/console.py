@@ -1,4 +1,5 @@
-"""The `ddpm-train` console script: training.cli's main(), with Ctrl-C during start-up handled (engine.clitools.console_main)."""
+"""The `ddpm-train` console script: training.cli's main(), with Ctrl-C during start-up handled
+(engine.clitools.console_main)."""
 
 from engine.clitools import console_main
 

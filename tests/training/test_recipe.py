@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from training.train import (
+from training.config import TrainConfig
+from training.recipe import (
     GlobalBatchDropout,
-    TrainConfig,
     batch_indices,
     ema_decay_at,
     get_lr,

@@ -1,7 +1,9 @@
 """--resume keeps the run's settings; flag values are checked once, whatever made the config."""
 
+import argparse
 import dataclasses
 import json
+import math
 import re
 
 import pytest
@@ -10,8 +12,8 @@ from safetensors.torch import load_file, save_file
 
 from training.cli import build_parser
 from training.cli import main as train_main
+from training.config import FIELD_RANGES, TrainConfig, check_config
 from training.state import load_state
-from training.train import FIELD_TYPES, TrainConfig, check_config
 
 FAST = ["--device", "cpu", "--no-progress", "--sample-every", "0"]
 
@@ -71,10 +73,23 @@ def test_check_config_refuses_bad_types_and_ranges(changes, message):
 
 
 def test_flag_types_and_check_config_are_one_definition(capsys):
-    # Every numeric TrainConfig field is a flag parsed by its FIELD_TYPES entry, the one check_config applies.
+    # Every numeric TrainConfig field is a flag checked by its FIELD_RANGES entry, the one check_config applies:
+    # a value past either end is refused by both, in the same words.
+    numeric = {f.name for f in dataclasses.fields(TrainConfig) if f.type.split(" |")[0] in ("int", "float")}
+    assert set(FIELD_RANGES) == numeric
     actions = {a.dest: a for a in build_parser()._actions}
-    for name, parse in FIELD_TYPES.items():
-        assert actions[name].type is parse, name
+    base = TrainConfig(preset="tiny", dataset="synthetic", out="x")
+    for name, values in FIELD_RANGES.items():
+        outside = [values.lo - 1] + ([values.hi + 1] if values.hi is not None else [])
+        outside.append(values.lo + 0.5 if values.kind is int else math.inf)
+        for value in outside:
+            with pytest.raises(argparse.ArgumentTypeError) as flag:
+                actions[name].type(str(value))
+            with pytest.raises(ValueError, match=re.escape(f"--{name.replace('_', '-')} {flag.value}")):
+                check_config(dataclasses.replace(base, **{name: value}))
+        inside = actions[name].type(str(values.lo + 0.5 if values.lo_open else values.lo))
+        assert type(inside) is values.kind
+        check_config(dataclasses.replace(base, **{name: inside}, fid_ref="ref.npz"))
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--out", "x", "--p-uncond", "1.5"])
     assert "1.5 is out of range [0, 1]" in capsys.readouterr().err

@@ -18,9 +18,10 @@ from engine import fid
 from engine.checkpoint import load_checkpoint
 from engine.cli import main as engine_main
 from training.cli import main as train_main
+from training.config import TrainConfig
 from training.data import make_synthetic
 from training.state import load_state
-from training.train import TrainConfig, autocast_bf16, train
+from training.train import autocast_bf16, train
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 6
@@ -327,7 +328,7 @@ def test_fid_every_logs_the_fid_of_the_ema_model(tmp_path, capsys):
 def test_grids_can_use_dpm_solver(tmp_path, capsys):
     from engine.config import PRESETS, DiffusionConfig
     from engine.model import UNet
-    from training.train import training_sampler
+    from training.evaluate import training_sampler
 
     config = make_config(tmp_path / "run", sample_sampler="dpm++2m", sample_steps=5)
     _, settings = training_sampler(UNet(PRESETS["tiny"]), DiffusionConfig(), config, torch.device("cpu"))
