@@ -29,6 +29,7 @@ from engine.clitools import (
     non_negative_float,
     reported,
     resolve_guidance,
+    unit_float,
 )
 from engine.config import PRESETS
 from engine.datasets import SPLITS, ImageSource, open_images
@@ -60,6 +61,7 @@ EXAMPLES = """examples:
   ddpm-engine sample -n 100 --classes cat,dog --guidance 1.8 --sampler ddim --steps 50
   ddpm-engine sample -n 100 --sampler dpm++2m --steps 20 --spacing trailing   # DPM-Solver++(2M)
   ddpm-engine sample -n 8 --sampler ddpm --variance small --seed 7 --batch-size 4
+  ddpm-engine sample -n 100 --guidance 3 --threshold 0.995     # dynamic thresholding at high guidance
   ddpm-engine interpolate --class 3 --pairs 2 --frames 9 --out interp
   ddpm-engine sample --checkpoint model.onnx -n 16           # ONNX Runtime (.plan: TensorRT)
   ddpm-engine sample --checkpoint ddpm-cifar10-32 --sampler ddpm --variance small --clip-x0   # a diffusers folder
@@ -142,6 +144,9 @@ def add_sample(commands) -> None:
     sample.add_argument("--spacing", choices=SPACINGS, default=SAMPLE.spacing,
                         help=f"timestep spacing when steps < T (default: {SAMPLE.spacing})")
     sample.add_argument("--clip-x0", action="store_true", help="clip the predicted x_0 to [-1, 1] at each step")
+    sample.add_argument("--threshold", type=unit_float, default=SAMPLE.threshold, metavar="P",
+                        help="dynamic thresholding (Imagen): at each step s = max(1, the P-quantile of |x_0| of the "
+                             "image), x_0 -> clip(x_0, -s, s) / s; e.g. 0.995 (default: 0, off)")
     sample.add_argument("--batch-size", type=int_range(1), default=None,
                         help="images per model call (default: 256 on a GPU, 32 on the CPU, where larger batches "
                              f"cost more per image; at most {SHARD_IMAGES})")
@@ -313,7 +318,7 @@ def cmd_sample(args) -> None:
         classes = model_classes(args.classes, ckpt)
         n = args.n if args.n is not None else 10 * len(classes)
         settings = SampleSettings(sampler=args.sampler, steps=args.steps, eta=args.eta, variance=args.variance,
-                                  spacing=args.spacing, clip_x0=args.clip_x0,
+                                  spacing=args.spacing, clip_x0=args.clip_x0, threshold=args.threshold,
                                   guidance=resolve_guidance(args.guidance, SAMPLE.guidance, ckpt.config))
         image_steps = -(-n // world.size) * settings.num_steps(ckpt.diffusion.num_timesteps)
         engine = build_engine(ckpt, args.backend, device, args.precision,

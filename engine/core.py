@@ -115,8 +115,9 @@ class PlanTable:
         self.used = 0
 
     def key(self, settings: SampleSettings) -> SampleSettings:
-        """What a plan depends on: the settings without guidance and clipping, steps resolved."""
-        return replace(settings, guidance=0.0, clip_x0=False, steps=settings.num_steps(self.diffusion.num_timesteps))
+        """What a plan depends on: the settings without guidance and x0_hat's bounds, steps resolved."""
+        return replace(settings, guidance=0.0, clip_x0=False, threshold=0.0,
+                       steps=settings.num_steps(self.diffusion.num_timesteps))
 
     def fits(self, key: SampleSettings) -> bool:
         return key in self.offsets or self.used + key.steps <= self.capacity
@@ -248,11 +249,11 @@ class Engine:
             return False
         started = time.perf_counter()
         s = self._state
-        args = (s["x"], s["x0"], s["pos"], s["labels"], s["keys"], s["w"], s["clip"])
+        args = (s["x"], s["x0"], s["pos"], s["labels"], s["keys"], s["w"], s["clip"], s["threshold"])
         if self.graphs is not None:
             x, x0 = self.graphs(*args)
         else:
-            x, x0 = self.denoise(*args, guided=s["guided"], clip=s["clipping"])
+            x, x0 = self.denoise(*args, guided=s["guided"], bounded=s["bounded"])
         s["x"], s["x0"] = x, x0
         s["pos"] = s["pos"] - 1
         self.steps_run += 1
@@ -270,11 +271,12 @@ class Engine:
         return True
 
     def denoise(self, x: torch.Tensor, x0_prev: torch.Tensor, pos: torch.Tensor, labels: torch.Tensor,
-                keys: torch.Tensor, w: torch.Tensor, clip_mask: torch.Tensor, guided: int | None = None,
-                clip: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                keys: torch.Tensor, w: torch.Tensor, clip: torch.Tensor, threshold: torch.Tensor,
+                guided: int | None = None, bounded: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """The step of every row: x_{t_i} -> x_{t_{i-1}} and this step's x0_hat, row r at table entry
         pos[r]. guided: rows [0, guided) have w != 0 (None: every row computes its unconditional
-        half, as under CUDA graphs); clip: whether any row clips x0_hat (clip_mask says which)."""
+        half, as under CUDA graphs); bounded: whether any row clips or thresholds x0_hat (clip and
+        threshold say which and how; False skips that work)."""
         n = len(x)
         g = n if guided is None else guided
         t = self.table.coefs.timesteps[pos]
@@ -287,7 +289,9 @@ class Engine:
         else:
             eps = self.model(x, t, labels).float()
         z = gaussian_noise(keys, self.table.stream[pos], self.shape)
-        return step(self.table.coefs, pos, x, eps, z, x0_prev, clip_mask if clip else False)
+        if not bounded:
+            return step(self.table.coefs, pos, x, eps, z, x0_prev)
+        return step(self.table.coefs, pos, x, eps, z, x0_prev, clip, threshold)
 
     def fixed_step(self, settings: SampleSettings, labels: torch.Tensor, keys: torch.Tensor) -> Callable[[], object]:
         """A no-argument function running the step of these rows at the middle of `settings`' plan, again
@@ -299,10 +303,12 @@ class Engine:
         x = gaussian_noise(keys, 0, self.shape)
         w = torch.full((n, 1, 1, 1), float(settings.guidance), device=self.device)
         clip = torch.full((n, 1, 1, 1), settings.clip_x0, device=self.device)
-        args = (x, x, pos, labels, keys, w, clip)
+        threshold = torch.full((n, 1, 1, 1), float(settings.threshold), device=self.device)
+        args = (x, x, pos, labels, keys, w, clip, threshold)
         if self.graphs is not None:
             return lambda: self.graphs(*args)
-        return torch.no_grad()(lambda: self.denoise(*args, guided=n if settings.guidance else 0, clip=settings.clip_x0))
+        bounded = settings.clip_x0 or settings.threshold > 0
+        return torch.no_grad()(lambda: self.denoise(*args, guided=n if settings.guidance else 0, bounded=bounded))
 
     def fail_active(self, error: BaseException) -> None:
         """End every request with rows in the batch with `error` (a step failed)."""
@@ -415,7 +421,9 @@ class Engine:
         s["w"] = torch.tensor([float(row.request.settings.guidance) for row in self._rows],
                               device=device).view(-1, 1, 1, 1)
         clips = [row.request.settings.clip_x0 for row in self._rows]
+        thresholds = [float(row.request.settings.threshold) for row in self._rows]
         s["clip"] = torch.tensor(clips, device=device).view(-1, 1, 1, 1)
-        s["clipping"] = any(clips)
+        s["threshold"] = torch.tensor(thresholds, device=device).view(-1, 1, 1, 1)
+        s["bounded"] = any(clips) or any(p > 0 for p in thresholds)
         s["guided"] = sum(row.request.settings.guidance != 0 for row in self._rows)
         self._state = s

@@ -68,6 +68,7 @@ class SampleSettings:
     spacing: str = "linspace-t0"    # which timesteps (see timestep_sequence and, for dpm++2m, solver_timesteps)
     guidance: float = 1.8           # w in (1 + w) eps(x, c) - w eps(x, null); 0: purely conditional
     clip_x0: bool = False           # clip the predicted x_0 to [-1, 1] at each step
+    threshold: float = 0.0          # dynamic thresholding's percentile p of |x_0| (bound_x0); 0: off
 
     def num_steps(self, num_timesteps: int) -> int:
         """The steps this sampler takes on a model with T = num_timesteps."""
@@ -238,21 +239,56 @@ def dpm_solver_plan(diffusion: DiffusionConfig, steps: int = DPM_STEPS, spacing:
 
 
 def step(plan: SamplerPlan, i: int | torch.Tensor, x: torch.Tensor, eps: torch.Tensor, z: torch.Tensor,
-         x0_prev: torch.Tensor, clip_x0: bool | torch.Tensor = False) -> tuple[torch.Tensor, torch.Tensor]:
+         x0_prev: torch.Tensor, clip_x0: bool | torch.Tensor = False,
+         threshold: float | torch.Tensor = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """One update x_{t_i} -> x_{t_{i-1}}; returns (x_{t_{i-1}}, x0_hat) (the next step's x0_prev).
     Coefficients come from the plan, nothing from the host: `i` is a step index, or a tensor of
     per-row entries of a plan whose coefficients are shaped (N, 1, 1, 1) (engine.core.PlanTable).
-    clip_x0: a bool, or a bool tensor saying which rows clip."""
+    clip_x0 and threshold bound x0_hat (bound_x0): a value for every row, or a tensor, one per row."""
     sqrt_ab, sqrt_1m_ab = plan.sqrt_ab[i], plan.sqrt_1m_ab[i]
     # Eq. 15 (Ho et al.) / Eq. 9 (Song et al.): x0_hat = (x_t - sqrt(1 - ab_t) eps) / sqrt(ab_t).
     x0 = (x - sqrt_1m_ab * eps) / sqrt_ab
-    if clip_x0 is not False:
-        clipped = x0.clamp(-1, 1)
-        implied_eps = (x - sqrt_ab * clipped) / sqrt_1m_ab  # the eps that the clipped x0_hat implies
-        if clip_x0 is True:
-            x0, eps = clipped, implied_eps
-        else:
-            x0, eps = torch.where(clip_x0, clipped, x0), torch.where(clip_x0, implied_eps, eps)
+    bounded, rows = bound_x0(x0, clip_x0, threshold)
+    if bounded is not x0:
+        implied_eps = (x - sqrt_ab * bounded) / sqrt_1m_ab  # the eps that the bounded x0_hat implies
+        x0, eps = bounded, implied_eps if rows is None else torch.where(rows, implied_eps, eps)
     x_next = (plan.coef_x0[i] * x0 + plan.coef_xt[i] * x + plan.coef_eps[i] * eps + plan.coef_prev_x0[i] * x0_prev
               + plan.sigma[i] * z)
     return x_next, x0
+
+
+def bound_x0(x0: torch.Tensor, clip_x0: bool | torch.Tensor, threshold: float | torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(x0_hat with its range bounded image by image, which rows were: None for all); `x0` itself
+    when no row bounds it, and rows not bounded keep their values exactly.
+
+    clip_x0     clip to [-1, 1]
+    threshold   p > 0: dynamic thresholding (Saharia et al. 2022, section 2.3): s = max(1, the p-quantile
+                of |x0_hat| over the image), then x0_hat -> clamp(x0_hat, -s, s) / s, which keeps
+                saturated pixels off the rails at high guidance; p = 0: off
+    Each is a value for every row, or an (N, 1, 1, 1) tensor, one per row (where both are given for a
+    row, thresholding decides: its result already lies in [-1, 1])."""
+    per_row = isinstance(threshold, torch.Tensor)
+    if clip_x0 is False and not per_row and threshold <= 0:
+        return x0, None
+    if per_row or threshold > 0:
+        p = threshold if per_row else torch.full_like(x0[:, :1, :1, :1], threshold)
+        s = torch.where(p > 0, row_quantile(x0.abs(), p).clamp(min=1), 1.0)
+    else:
+        s = torch.ones_like(x0[:, :1, :1, :1])
+    bounded = torch.minimum(torch.maximum(x0, -s), s) / s
+    if not per_row and (clip_x0 is True or threshold > 0):
+        return bounded, None
+    rows = (threshold > 0 if per_row else torch.zeros_like(s, dtype=torch.bool)) | clip_x0
+    return torch.where(rows, bounded, x0), rows
+
+
+def row_quantile(a: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """The p[r]-quantile of the values of image r, linearly interpolated (as torch.quantile), (N, 1, 1, 1)."""
+    values = a.flatten(1).sort(dim=1).values
+    position = p.view(-1, 1) * (values.shape[1] - 1)
+    below = position.floor().long()
+    above = (below + 1).clamp(max=values.shape[1] - 1)
+    low, high = values.gather(1, below), values.gather(1, above)
+    return (low + (position - below) * (high - low)).view(-1, 1, 1, 1)
+

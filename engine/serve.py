@@ -6,7 +6,7 @@ model. Rows of every client's requests share the engine's steps (engine/core.py)
 arrives while others run joins at the next step with free slots.
 
     POST /v1/images   {"classes": [...] | "class": c, "n", "guidance", "sampler", "steps", "seed",
-                       "eta", "spacing", "variance", "clip_x0"}: the names, defaults and ranges of
+                       "eta", "spacing", "variance", "clip_x0", "threshold"}: the names, defaults and ranges of
                       `ddpm-engine sample`'s flags; image i has class classes[i % len(classes)] and
                       the noise of (seed, i), so it equals image i of `ddpm-engine sample` with the
                       same flags. Answers a JSON list of base64 PNGs and the settings used,
@@ -95,7 +95,8 @@ class Job:
     seed: int
 
 
-FIELDS = {"class", "classes", "n", "guidance", "sampler", "steps", "seed", "eta", "spacing", "variance", "clip_x0"}
+FIELDS = {"class", "classes", "n", "guidance", "sampler", "steps", "seed", "eta", "spacing", "variance", "clip_x0",
+          "threshold"}
 
 
 def parse_job(body: object, ckpt: Checkpoint, max_images: int) -> Job:
@@ -140,7 +141,7 @@ def parse_job(body: object, ckpt: Checkpoint, max_images: int) -> Job:
         sampler=get("sampler", str, SAMPLE.sampler, choices=SAMPLERS), steps=get("steps", int, SAMPLE.steps, 1, T),
         eta=get("eta", float, SAMPLE.eta, 0.0, 1e3), variance=get("variance", str, SAMPLE.variance, choices=VARIANCES),
         spacing=get("spacing", str, SAMPLE.spacing, choices=SPACINGS), guidance=guidance,
-        clip_x0=get("clip_x0", bool, SAMPLE.clip_x0))
+        clip_x0=get("clip_x0", bool, SAMPLE.clip_x0), threshold=get("threshold", float, SAMPLE.threshold, 0.0, 1.0))
     n = get("n", int, None, 1, max_images)
     n = n if n is not None else min(10 * len(classes), max_images)
     return Job(settings, classes, n, get("seed", int, 0, 0, MASK32))

@@ -18,10 +18,10 @@ DIFFUSION = DiffusionConfig(num_timesteps=100)
 NULL = CONFIG.null_class
 
 THE_REQUEST = SampleSettings(sampler="dpm++2m", steps=6, guidance=1.8)
-OTHERS = [  # different samplers, step counts, guidance (0 too), clipping, classes
+OTHERS = [  # different samplers, step counts, guidance (0 too), clipping, dynamic thresholding, classes
     SampleSettings(sampler="ddpm", steps=9, guidance=3.0, clip_x0=True),
     SampleSettings(sampler="ddim", steps=4, eta=0.5, guidance=0.0),
-    SampleSettings(sampler="dpm++2m", steps=10, guidance=0.6, spacing="trailing"),
+    SampleSettings(sampler="dpm++2m", steps=10, guidance=0.6, spacing="trailing", threshold=0.9),
 ]
 
 
@@ -57,7 +57,7 @@ def reference(model, settings, labels, keys):
         eps = model(x, t, labels)
         if w:
             eps = (1 + w) * eps - w * model(x, t, torch.full_like(labels, NULL))
-        x, x0 = step(plan, i, x, eps, gaussian_noise(keys, i, SHAPE), x0, settings.clip_x0)
+        x, x0 = step(plan, i, x, eps, gaussian_noise(keys, i, SHAPE), x0, settings.clip_x0, settings.threshold)
     return x
 
 

@@ -1,12 +1,14 @@
 """Samplers on Gaussian data, where the optimal epsilon predictor has a closed form."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from torch import nn
 
 from engine.config import DiffusionConfig
-from engine.diffusion import alpha_bar
 from engine.core import Engine
+from engine.diffusion import alpha_bar
 from engine.generate import sample_tensor
 from engine.noise import image_keys
 from engine.sampler import SampleSettings, ddim_plan, ddpm_plan, step, timestep_sequence
@@ -236,3 +238,32 @@ def test_the_default_dpm_grid_is_linspace_with_t0():
     assert named[0] == 67 and named[-1] == 999
     ddim = [SampleSettings(sampler="ddim", spacing=s).plan(diffusion).timesteps.tolist() for s in ("linspace", "linspace-t0")]
     assert ddim[0] == ddim[1]
+
+
+@pytest.mark.parametrize("ratio", [0.6, 0.995])
+def test_dynamic_thresholding_matches_diffusers(ratio):
+    """--threshold P against diffusers' DPMSolverMultistepScheduler(thresholding=True,
+    dynamic_thresholding_ratio=P) with no upper bound on s (Imagen's rule), guided, on data beyond
+    [-1, 1] where the thresholding bites; and against DPM-Solver++ without it, to show it did."""
+    diffusers = pytest.importorskip("diffusers", reason="diffusers (test extra) is the oracle")
+    diffusion = DiffusionConfig()
+    model = GaussianOracle(diffusion, torch.stack([torch.full(SHAPE, 1.4), torch.full(SHAPE, -0.6),
+                                                   torch.zeros(SHAPE)]), 0.4)
+    labels, keys, w = torch.tensor([0, 1, 0]), image_keys(3, torch.arange(3)), 2.0
+    x_T = torch.randn(3, *SHAPE, generator=torch.Generator().manual_seed(2))
+    settings = SampleSettings(sampler="dpm++2m", steps=10, spacing="trailing", guidance=w, threshold=ratio)
+    ours = run(settings, model, labels, x_T, keys)
+    scheduler = diffusers.DPMSolverMultistepScheduler(
+        num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
+        algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint", prediction_type="epsilon",
+        timestep_spacing="trailing", final_sigmas_type="zero", lower_order_final=True,
+        thresholding=True, dynamic_thresholding_ratio=ratio, sample_max_value=1e9)
+    scheduler.set_timesteps(10)
+    x = x_T.clone().double()
+    for t in scheduler.timesteps:
+        eps = guided_reference(model, x.float(), torch.full((3,), int(t)), labels, w).double()
+        x = scheduler.step(eps, t, x).prev_sample
+    assert ((ours.double() - x).norm() / x.norm()).item() < 1e-5
+    plain = run(replace(settings, threshold=0.0), model, labels, x_T, keys)
+    assert (plain - ours).abs().max() > 0.1 and ours.abs().max() <= 1 + 1e-5 < plain.abs().max()
+

@@ -175,6 +175,7 @@ def test_a_png_grid_and_a_stream_of_events(server):
     ({"steps": 1001}, 422, "out of range"),
     ({"sampler": "euler"}, 422, "unknown sampler"),
     ({"seed": -1}, 422, "out of range"),
+    ({"threshold": 1.5}, 422, "threshold 1.5 is out of range"),
     ({"n": "4"}, 422, "must be int"),
     ({"colour": "red"}, 422, "unknown field"),
     ([1, 2], 422, "JSON object"),
