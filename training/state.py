@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from engine.checkpoint import atomic_write
+from engine.checkpoint import CheckpointError, atomic_write, safetensors_header
 from engine.errors import UserError
 
 FORMAT = "ddpm-train-state/1"
@@ -69,9 +69,8 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The metadata of a training state, from its header alone (no tensor is read)."""
     path = Path(path)
     try:
-        with safe_open(str(path), "pt") as f:
-            metadata = f.metadata() or {}
-    except (SafetensorError, OSError) as e:
+        metadata = safetensors_header(path)[0]
+    except CheckpointError as e:
         raise StateError(f"{path} is not a readable training state ({str(e)[:100]})") from None
     if metadata.get("format") != FORMAT:
         raise StateError(f"{path} is not a ddpm-train state (no '{FORMAT}' metadata)")

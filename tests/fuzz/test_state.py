@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 
 from tests.fuzz.crafted import safetensors
 from training.cli import main as train_main
-from training.train import TrainConfig, train
+from training.config import TrainConfig
+from training.train import train
 
 
 @pytest.fixture(scope="module")
