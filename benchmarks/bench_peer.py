@@ -22,6 +22,7 @@ import json
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -36,17 +37,9 @@ from engine.model import UNet
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers (test extra) is the peer")
 
-# google/ddpm-cifar10-32's config.json (as tests/engine/test_diffusers.py).
-DDPM_CIFAR10 = {
-    "_class_name": "UNet2DModel", "act_fn": "silu", "attention_head_dim": None,
-    "block_out_channels": [128, 256, 256, 256], "center_input_sample": False,
-    "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
-    "downsample_padding": 0, "flip_sin_to_cos": False, "freq_shift": 1, "in_channels": 3, "layers_per_block": 2,
-    "mid_block_scale_factor": 1, "norm_eps": 1e-06, "norm_num_groups": 32, "out_channels": 3, "sample_size": 32,
-    "time_embedding_type": "positional", "up_block_types": ["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
-}
-SCHEDULER = {"_class_name": "DDPMScheduler", "beta_end": 0.02, "beta_schedule": "linear", "beta_start": 0.0001,
-             "num_train_timesteps": 1000}
+# The network of google/ddpm-cifar10-32 (the paper's, unconditional; its config.json converts to this,
+# tests/engine/test_diffusers.py).
+PAPER = replace(PRESETS["ddpm-cifar10"], num_classes=0, learned_null=False, downsample_padding=0, norm_eps=1e-6)
 
 # The diffusers side, a whole process: argv = folder, n, sampler, steps, spacing, guidance, batch, null class.
 DIFFUSERS_LOOP = r'''
@@ -88,33 +81,31 @@ print(json.dumps({"imports_s": loaded - start, "loop_s": done - loaded, "finite"
 '''
 
 
-def conditional_folder(tmp: Path, checkpoint: Path) -> Path:
-    """A class-conditional checkpoint of ours as a diffusers folder (`ddpm-engine convert --to-diffusers`)."""
-    folder = tmp / "conditional"
+def diffusers_folder(tmp: Path, checkpoint: Path) -> Path:
+    """A checkpoint of ours as a diffusers folder (`ddpm-engine convert --to-diffusers`)."""
+    folder = tmp / checkpoint.stem
     subprocess.run([sys.executable, "-m", "engine.cli", "convert", str(checkpoint), "--to-diffusers", str(folder)],
                    check=True, capture_output=True)
     return folder
 
 
 def paper_folder(tmp: Path) -> Path:
-    """The paper's network in google/ddpm-cifar10-32's layout, random weights, written by diffusers."""
-    folder = tmp / "paper"
+    """The paper's network in google/ddpm-cifar10-32's layout, random weights, as a diffusers folder."""
     torch.manual_seed(0)
-    diffusers.UNet2DModel.from_config(DDPM_CIFAR10).save_pretrained(folder)
-    diffusers.DDPMScheduler.from_config(SCHEDULER).save_pretrained(folder)
-    return folder
+    save_checkpoint(tmp / "paper.safetensors", UNet(PAPER).eval(), DiffusionConfig(), ())
+    return diffusers_folder(tmp, tmp / "paper.safetensors")
 
 
 def cases(tmp: Path) -> list[dict]:
     if FULL:
-        return [dict(name="bundled-cifar10-cpu", folder=conditional_folder(tmp, BUNDLED_CHECKPOINT), n=100,
+        return [dict(name="bundled-cifar10-cpu", folder=diffusers_folder(tmp, BUNDLED_CHECKPOINT), n=100,
                      sampler="dpm++2m", steps=15, spacing="linspace", guidance=1.8, batch=32, null=10),
                 dict(name="paper-35.7M", folder=paper_folder(tmp), n=16, sampler="ddim", steps=20, spacing="leading",
                      guidance=0.0, batch=16, null=0)]
     torch.manual_seed(0)
     save_checkpoint(tmp / "tiny.safetensors", UNet(PRESETS["tiny"]).eval(), DiffusionConfig(),
                     tuple(f"c{k}" for k in range(10)))
-    folder = conditional_folder(tmp, tmp / "tiny.safetensors")
+    folder = diffusers_folder(tmp, tmp / "tiny.safetensors")
     return [dict(name=f"tiny-{sampler}", folder=folder, n=4, sampler=sampler, steps=3, spacing=spacing,
                  guidance=1.8, batch=4, null=10) for sampler, spacing in (("dpm++2m", "linspace"), ("ddim", "leading"))]
 
