@@ -120,6 +120,10 @@ def add_recipe_flags(parser: Parser) -> None:
     recipe.add_argument("--p-uncond", **field("p_uncond"),
                         help=f"probability of training a sample on the null class (default: {d['p_uncond']})")
     recipe.add_argument("--ema-decay", **field("ema_decay"), help=f"default: {d['ema_decay']}")
+    recipe.add_argument("--ema-long-decay", **field("ema_long_decay"),
+                        help="also keep a second, longer EMA of the weights (e.g. 0.9999), written as "
+                             "model-ema-long.safetensors at each checkpoint; one added to a resumed run starts from "
+                             "the first EMA (default: none)")
     recipe.add_argument("--dropout", **field("dropout"), help="default: the preset's")
     recipe.add_argument("--min-snr-gamma", **field("min_snr_gamma"),
                         help="weight each sample's loss by min(SNR_t, gamma) / SNR_t (Min-SNR-gamma, Hang et al. "

@@ -33,6 +33,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     p_uncond: float = 0.1               # probability of replacing a label by the null class
     ema_decay: float = 0.9999
+    ema_long_decay: float | None = None # a second, longer EMA (model-ema-long.safetensors); None: none
     min_snr_gamma: float | None = None  # None: plain L_simple; else Min-SNR-gamma loss weights
     dropout: float | None = None        # None: the preset's
     init_from: str | None = None        # a checkpoint whose weights start the model and its EMA
@@ -61,7 +62,8 @@ HYPERPARAMETERS = ("preset", "dataset", "batch_size", "lr", "warmup_multiplier",
 # --steps/--epochs is given), --device, --compile, --time-limit and the progress bar, which
 # belong to one invocation.
 KEPT_ON_RESUME = HYPERPARAMETERS + ("data_dir", "checkpoint_every", "log_every", "sample_every", "sample_steps",
-                                    "sample_sampler", "fid_every", "fid_samples", "fid_ref", "precision")
+                                    "sample_sampler", "fid_every", "fid_samples", "fid_ref", "precision",
+                                    "ema_long_decay")
 
 
 @dataclass(frozen=True)
@@ -109,6 +111,7 @@ FIELD_RANGES = {
     "seed": Range(int, 0, 2**32 - 1), "lr": Range(float, 0, lo_open=True), "warmup_multiplier": Range(float, 1),
     "warmup_epochs": Range(float, 0), "weight_decay": Range(float, 0), "grad_clip": Range(float, 0, lo_open=True),
     "p_uncond": Range(float, 0, 1), "ema_decay": Range(float, 0, 1, hi_open=True),
+    "ema_long_decay": Range(float, 0, 1, hi_open=True),
     "dropout": Range(float, 0, 1, hi_open=True), "min_snr_gamma": Range(float, 0, lo_open=True),
     "checkpoint_every": Range(int, 1), "sample_every": Range(int, 0), "sample_steps": Range(int, 1),
     "log_every": Range(int, 1), "fid_every": Range(int, 0), "fid_samples": Range(int, 2),
@@ -117,7 +120,7 @@ FIELD_RANGES = {
 CHOICES = {"preset": tuple(PRESETS), "dataset": DATASETS, "lr_schedule": ("constant", "cosine"),
            "precision": ("auto", "fp32", "bf16"), "sample_sampler": ("ddim", "dpm++2m")}
 OPTIONAL = ("steps", "epochs", "warmup_epochs", "dropout", "min_snr_gamma", "time_limit", "data_dir", "init_from",
-            "fid_ref")
+            "fid_ref", "ema_long_decay")
 
 
 def check_config(config: TrainConfig, processes: int = 1) -> None:

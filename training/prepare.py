@@ -135,7 +135,7 @@ def check_saved_tensors(saved: TrainingState, model_config: ModelConfig, path: P
     with torch.device("meta"):
         params = list(UNet(model_config).named_parameters())
     shapes = expected_shapes(model_config)
-    for part in (saved.model, saved.ema):
+    for part in (saved.model, saved.ema, *([saved.ema_long] if saved.ema_long is not None else [])):
         if {k: tuple(v.shape) for k, v in part.items()} != shapes:
             raise StateError(f"{path}: its weights do not have the shapes of the run's model")
         if not all(torch.isfinite(v).all() for v in part.values()):

@@ -39,12 +39,16 @@ class TrainingState:
     model: dict[str, torch.Tensor]
     ema: dict[str, torch.Tensor]
     optimizer: dict
+    ema_long: dict[str, torch.Tensor] | None = None  # the second EMA, where the run keeps one
 
 
 def save_state(path: str | os.PathLike, step: int, train_config: dict, model_config: str,
-               model: torch.nn.Module, ema: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+               model: torch.nn.Module, ema: torch.nn.Module, optimizer: torch.optim.Optimizer,
+               ema_long: torch.nn.Module | None = None) -> None:
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     tensors |= {f"ema.{k}": v for k, v in ema.state_dict().items()}
+    if ema_long is not None:
+        tensors |= {f"ema_long.{k}": v for k, v in ema_long.state_dict().items()}
     opt = optimizer.state_dict()
     scalars = {}
     for index, param_state in opt["state"].items():
@@ -134,4 +138,5 @@ def load_state(path: str | os.PathLike) -> TrainingState:
         model={k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")},
         ema={k[len("ema."):]: v for k, v in tensors.items() if k.startswith("ema.")},
         optimizer={"state": state, "param_groups": param_groups},
+        ema_long={k[len("ema_long."):]: v for k, v in tensors.items() if k.startswith("ema_long.")} or None,
     )

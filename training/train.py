@@ -30,7 +30,7 @@ from training.config import TrainConfig
 from training.evaluate import evaluate_fid, grid_is_cheap, save_samples
 from training.log import Progress
 from training.prepare import Run, all_ranks_ok, prepare
-from training.recipe import ema_decay_at, get_lr, optimize, training_batch, use_global_batch_dropout
+from training.recipe import ema_decay_at, get_lr, optimize, training_batch, update_ema, use_global_batch_dropout
 from training.state import STATE_FILE, StateError, save_state
 
 
@@ -43,6 +43,7 @@ class Models:
     ema: UNet
     net: nn.Module
     optimizer: torch.optim.Optimizer
+    ema_long: UNet | None = None  # --ema-long-decay's EMA
 
 
 @dataclass
@@ -124,6 +125,7 @@ def build_models(run: Run, procs: World, device: torch.device, memory_format: to
     ema.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
                                   fused=device.type == "cuda")
+    saved_long = run.saved.ema_long if run.saved is not None else None
     if run.saved is not None:
         model.load_state_dict(run.saved.model)
         ema.load_state_dict(run.saved.ema)
@@ -137,6 +139,11 @@ def build_models(run: Run, procs: World, device: torch.device, memory_format: to
         for net_ in (model, ema):
             net_.load_state_dict(run.init_weights)
         run.init_weights = None
+    ema_long = None
+    if config.ema_long_decay is not None:  # saved, else (a new run, or one that kept none) the first EMA's copy
+        ema_long = copy.deepcopy(ema)
+        if saved_long is not None:
+            ema_long.load_state_dict(saved_long)
 
     net: nn.Module = model
     if procs.size > 1:
@@ -144,7 +151,7 @@ def build_models(run: Run, procs: World, device: torch.device, memory_format: to
             model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
     if config.compile:
         net = torch.compile(net)
-    return Models(model, ema, net, optimizer)
+    return Models(model, ema, net, optimizer, ema_long)
 
 
 def loop(run: Run, procs: World, models: Models, data: OnDevice, on_step) -> Path:
@@ -166,9 +173,7 @@ def loop(run: Run, procs: World, models: Models, data: OnDevice, on_step) -> Pat
             if done % config.log_every == 0 or checkpoint or fid_due:
                 log_row(step, run, procs, models, data, progress, evaluate=fid_due and procs.is_main)
             if procs.is_main and checkpoint:
-                save_checkpoint(out / "model.safetensors", models.ema, data.diffusion, run.dataset.class_names)
-                save_state(out / STATE_FILE, done, dataclasses.asdict(config), run.model_config.to_json(),
-                           models.model, models.ema, models.optimizer)
+                save_checkpoints(out, done, run, models, data)
             last = (done == total or out_of_time) and grid_is_cheap(done - run.start_step, config, run.model_config)
             if procs.is_main and config.sample_every and (done % config.sample_every == 0 or last):
                 save_samples(out / "samples" / f"step-{done:07d}.png", models.ema, run.model_config, data.diffusion,
@@ -184,15 +189,30 @@ def loop(run: Run, procs: World, models: Models, data: OnDevice, on_step) -> Pat
     return out / "model.safetensors"
 
 
+def save_checkpoints(out: Path, done: int, run: Run, models: Models, data: OnDevice) -> None:
+    """model.safetensors (the EMA weights), model-ema-long.safetensors with --ema-long-decay, and the
+    state for --resume."""
+    class_names = run.dataset.class_names
+    save_checkpoint(out / "model.safetensors", models.ema, data.diffusion, class_names)
+    if models.ema_long is not None:
+        save_checkpoint(out / "model-ema-long.safetensors", models.ema_long, data.diffusion, class_names)
+    save_state(out / STATE_FILE, done, dataclasses.asdict(run.config), run.model_config.to_json(), models.model,
+               models.ema, models.optimizer, models.ema_long)
+
+
 def train_step(step: int, run: Run, procs: World, models: Models, data: OnDevice) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimisation step on this process's part of the global batch of `step`; returns (loss,
     gradient norm) as device tensors."""
     config = run.config
     x0, y, t, noise = training_batch(step, config, data.images, data.labels, run.model_config.null_class,
                                      data.diffusion.num_timesteps, procs.rank, procs.size, data.memory_format)
-    return optimize(models.net, models.model, models.ema, models.optimizer, x0, y, t, noise, data.alpha_bar, data.bf16,
-                    lr=get_lr(run.epoch(step), config, run.epoch(run.total_steps)), grad_clip=config.grad_clip,
-                    ema_beta=ema_decay_at(step, config.ema_decay), min_snr_gamma=config.min_snr_gamma)
+    loss, grad_norm = optimize(
+        models.net, models.model, models.ema, models.optimizer, x0, y, t, noise, data.alpha_bar, data.bf16,
+        lr=get_lr(run.epoch(step), config, run.epoch(run.total_steps)), grad_clip=config.grad_clip,
+        ema_beta=ema_decay_at(step, config.ema_decay), min_snr_gamma=config.min_snr_gamma)
+    if models.ema_long is not None:
+        update_ema(models.ema_long, models.model, ema_decay_at(step, config.ema_long_decay))
+    return loss, grad_norm
 
 
 def log_row(step: int, run: Run, procs: World, models: Models, data: OnDevice, progress: Progress,

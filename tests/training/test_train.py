@@ -369,3 +369,35 @@ def test_auto_precision_is_bf16_autocast_on_cuda_and_on_bf16_cpus(monkeypatch):
         assert autocast_bf16("auto", cuda) is True
         assert autocast_bf16("fp32", cuda) is False and autocast_bf16("fp32", cpu) is False
         assert autocast_bf16("bf16", cpu) is True
+
+
+def test_a_longer_second_ema_is_kept_resumed_exactly_and_can_join_a_run(straight, tmp_path):
+    """--ema-long-decay keeps a second EMA beside the first (here a shorter one, 0.2, so that it differs
+    from the first within 6 warm-up steps): saved in the state and as model-ema-long.safetensors,
+    bit-exact across a resume; added to a run that had none, it starts from the first EMA."""
+    both = tmp_path / "both"
+    train(make_config(both, ema_long_decay=0.2))
+    state = load_state(both / "state.safetensors")
+    long = load_checkpoint(both / "model-ema-long.safetensors").model.state_dict()
+    assert all(torch.equal(long[k], state.ema_long[k]) for k in long)
+    assert any(not torch.equal(state.ema_long[k], state.ema[k]) for k in long)
+    assert all(torch.equal(state.ema[k], load_state(straight / "state.safetensors").ema[k]) for k in long)
+
+    resumed = tmp_path / "resumed"
+    with pytest.raises(Stop):
+        train(make_config(resumed, ema_long_decay=0.2), on_step=stop_at(STEPS // 2))
+    train(make_config(resumed, ema_long_decay=0.2, resume=True))
+    a, b = weights(both), weights(resumed)
+    assert a.keys() == b.keys() and any(k.startswith("ema_long.") for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    joined = tmp_path / "joined"
+    with pytest.raises(Stop):
+        train(make_config(joined), on_step=stop_at(STEPS // 2))
+    first_ema = load_state(joined / "state.safetensors").ema
+    with pytest.raises(Stop):  # one step with the second EMA joined: beta 0.2 of the first EMA, 0.8 of the model
+        train(make_config(joined, ema_long_decay=0.2, resume=True, checkpoint_every=1), on_step=stop_at(STEPS // 2 + 1))
+    after = load_state(joined / "state.safetensors")
+    for k, v in after.ema_long.items():
+        if v.is_floating_point():
+            assert torch.allclose(v, 0.2 * first_ema[k] + 0.8 * after.model[k], atol=1e-6), k

@@ -15,7 +15,10 @@
 # Settings (environment): MINUTES (default 120), RUN, DATA (the JPEG CIFAR-10 tarball), FID_EVERY
 # (steps between FID evaluations, 0 for none), THREADS (torch threads; default 2, the machine's
 # cores: use 1 while other work shares the machine, where 2 threads waste time waiting on each other),
-# PRECISION (ddpm-train --precision; default auto: bf16 autocast where the CPU has bf16 instructions).
+# PRECISION (ddpm-train --precision; default auto: bf16 autocast where the CPU has bf16 instructions),
+# EMA (which EMA the export ships: "short", the recipe's 0.9995, the default; "long", the second EMA
+# of 0.9999 that the run keeps too, in model-ema-long.safetensors; added after 2026-12-01, it started
+# from the first EMA where it joined the run).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -27,10 +30,15 @@ DATA="${DATA:-../shared/data/cifar10-jpeg.tar.gz}"
 FID_EVERY="${FID_EVERY:-10000}"
 export OMP_NUM_THREADS="${THREADS:-2}"
 WEIGHTS=engine/weights/cifar10.safetensors
+case "${EMA:-short}" in
+    short) EXPORTED=model.safetensors ;;
+    long) EXPORTED=model-ema-long.safetensors ;;
+    *) echo "EMA must be short or long" >&2; exit 2 ;;
+esac
 FID_REF=runs/fid/cifar10-jpeg-test.npz
 
 export_weights() {
-    python - "$RUN/model.safetensors" "$WEIGHTS" <<'PY'
+    python - "$RUN/$EXPORTED" "$WEIGHTS" <<'PY'
 import sys
 
 import torch
@@ -61,6 +69,7 @@ fi
 
 recipe=(--preset "$PRESET" --dataset folder --data-dir runs/data/cifar10-jpeg/train --batch-size 32
         --lr 1e-3 --warmup-multiplier 1 --warmup-epochs 0.5 --lr-schedule constant --ema-decay 0.9995
+        --ema-long-decay 0.9999
         --min-snr-gamma 5
         --p-uncond 0.1 --steps 10000000 --device cpu --precision "${PRECISION:-auto}")
 start=()
