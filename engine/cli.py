@@ -71,7 +71,7 @@ EXAMPLES = """examples:
   ddpm-engine sample -n 1000 --backend fused --device cuda     # fused U-Net + CUDA graphs, bf16
   torchrun --nproc-per-node 8 -m engine.cli sample -n 100000  # one share of the images per GPU
   ddpm-engine bench --preset ddpm-cifar10 --batch-sizes 2,256,1024
-  ddpm-engine fid-ref ../shared/data/cifar10-jpeg.tar.gz --split test --out runs/fid/cifar10-jpeg-test.npz
+  ddpm-engine fid-ref cifar10-jpeg.tar.gz --split test --out runs/fid/cifar10-jpeg-test.npz
   ddpm-engine fid samples/samples.npz --ref runs/fid/cifar10-jpeg-test.npz   # -> samples/fid.json
   ddpm-engine fid samples/ --ref cifar-10-python.tar.gz --split train --inception inception-2015-12-05.pt
 """
