@@ -273,6 +273,10 @@ def scheduler_config(diffusion: DiffusionConfig) -> dict:
         "beta_schedule": next(k for k, v in BETA_SCHEDULES.items() if v == diffusion.beta_schedule),
         "trained_betas": None, "variance_type": f"fixed_{defaults.variance}", "clip_sample": defaults.clip_x0,
         "prediction_type": "epsilon",
+        # Dynamic thresholding as ours: s = max(1, quantile), with no upper bound (diffusers caps s at
+        # sample_max_value, 1.0 by default, which is plain clipping).
+        "thresholding": defaults.threshold > 0, "dynamic_thresholding_ratio": defaults.threshold or 0.995,
+        "sample_max_value": 1e9,
     }
 
 
@@ -281,9 +285,16 @@ def sampling_hint(path: str | os.PathLike) -> str:
     scheduler = scheduler_file(unet_folder(Path(path)))
     cfg = {**SCHEDULER_DEFAULTS, **({} if scheduler is None else read_json(scheduler))}
     variance = "large" if str(cfg["variance_type"]).startswith("fixed_large") else "small"
-    clip = " --clip-x0" if cfg["clip_sample"] else ""
-    return (f"its DDPMScheduler samples with variance_type {cfg['variance_type']}, clip_sample "
-            f"{json.dumps(cfg['clip_sample'])}: --sampler ddpm --variance {variance}{clip}")
+    if cfg.get("thresholding"):  # s capped at sample_max_value (default 1: clipping); ours has no cap
+        ratio, cap = cfg.get("dynamic_thresholding_ratio", 0.995), cfg.get("sample_max_value", 1.0)
+        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (ratio, cap))
+        bound = f" --threshold {ratio}" if numbers and cap > 1 else " --clip-x0"
+        how = f"thresholding true (ratio {ratio}, sample_max_value {cap})"
+    else:
+        bound = " --clip-x0" if cfg["clip_sample"] else " --threshold 0"
+        how = f"clip_sample {json.dumps(cfg['clip_sample'])}"
+    return (f"its DDPMScheduler samples with variance_type {cfg['variance_type']}, {how}: --sampler ddpm "
+            f"--variance {variance}{bound}")
 
 
 # --- weights -----------------------------------------------------------------------------------

@@ -55,6 +55,10 @@ DDIM_STEPS = 50  # DDIM's default number of steps; DDPM takes all T by default
 # steps scored the FID of 20 steps and of DDIM-50 within the noise of 2,000 samples (the README's
 # sampler table has the measurement).
 DPM_STEPS = 15
+# Dynamic thresholding's percentile (Imagen's 0.995), on by default: on the bundled model (27,500 steps;
+# 2,000 guided images, the default sampler, same seeds) it took the FID from 46.0 to 39.0 at w = 1.8 and
+# from 51.3 to 43.3 at w = 3 (the model card's table).
+THRESHOLD = 0.995
 
 
 @dataclass(frozen=True)
@@ -68,7 +72,7 @@ class SampleSettings:
     spacing: str = "linspace-t0"    # which timesteps (see timestep_sequence and, for dpm++2m, solver_timesteps)
     guidance: float = 1.8           # w in (1 + w) eps(x, c) - w eps(x, null); 0: purely conditional
     clip_x0: bool = False           # clip the predicted x_0 to [-1, 1] at each step
-    threshold: float = 0.0          # dynamic thresholding's percentile p of |x_0| (bound_x0); 0: off
+    threshold: float = THRESHOLD    # dynamic thresholding's percentile p of |x_0| (bound_x0); 0: off
 
     def num_steps(self, num_timesteps: int) -> int:
         """The steps this sampler takes on a model with T = num_timesteps."""
@@ -262,20 +266,21 @@ def bound_x0(x0: torch.Tensor, clip_x0: bool | torch.Tensor, threshold: float | 
     """(x0_hat with its range bounded image by image, which rows were: None for all); `x0` itself
     when no row bounds it, and rows not bounded keep their values exactly.
 
-    clip_x0     clip to [-1, 1]
     threshold   p > 0: dynamic thresholding (Saharia et al. 2022, section 2.3): s = max(1, the p-quantile
                 of |x0_hat| over the image), then x0_hat -> clamp(x0_hat, -s, s) / s, which keeps
                 saturated pixels off the rails at high guidance; p = 0: off
-    Each is a value for every row, or an (N, 1, 1, 1) tensor, one per row (where both are given for a
-    row, thresholding decides: its result already lies in [-1, 1])."""
+    clip_x0     clip to [-1, 1] (s = 1): static clipping, asked for, overrides thresholding
+    Each is a value for every row, or an (N, 1, 1, 1) tensor, one per row."""
     per_row = isinstance(threshold, torch.Tensor)
     if clip_x0 is False and not per_row and threshold <= 0:
         return x0, None
-    if per_row or threshold > 0:
+    if clip_x0 is True or not (per_row or threshold > 0):
+        s = torch.ones_like(x0[:, :1, :1, :1])
+    else:
         p = threshold if per_row else torch.full_like(x0[:, :1, :1, :1], threshold)
         s = torch.where(p > 0, row_quantile(x0.abs(), p).clamp(min=1), 1.0)
-    else:
-        s = torch.ones_like(x0[:, :1, :1, :1])
+        if isinstance(clip_x0, torch.Tensor):
+            s = torch.where(clip_x0, 1.0, s)
     bounded = torch.minimum(torch.maximum(x0, -s), s) / s
     if not per_row and (clip_x0 is True or threshold > 0):
         return bounded, None

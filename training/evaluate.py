@@ -26,8 +26,10 @@ FID_CHUNK = 256  # images sampled, then featurised, at a time in an FID evaluati
 def training_sampler(ema: UNet, diffusion: DiffusionConfig, config: TrainConfig,
                      device: torch.device) -> tuple[Engine, SampleSettings]:
     """What the grids and the FID evaluations sample with: the eager EMA model, --sample-sampler for
-    --sample-steps and the sampler's default guidance."""
-    settings = SampleSettings(sampler=config.sample_sampler, steps=min(config.sample_steps, diffusion.num_timesteps))
+    --sample-steps and the sampler's default guidance, without dynamic thresholding (the protocol of
+    the FID curves in log.csv since their start)."""
+    settings = SampleSettings(sampler=config.sample_sampler, steps=min(config.sample_steps, diffusion.num_timesteps),
+                              threshold=0.0)
     return build_engine(Checkpoint(ema, diffusion, ()), "eager", device, "fp32"), settings
 
 

@@ -17,7 +17,7 @@ SHAPE = (3, 16, 16)
 DIFFUSION = DiffusionConfig(num_timesteps=100)
 NULL = CONFIG.null_class
 
-THE_REQUEST = SampleSettings(sampler="dpm++2m", steps=6, guidance=1.8)
+THE_REQUEST = SampleSettings(sampler="dpm++2m", steps=6, guidance=1.8, threshold=0.0)
 OTHERS = [  # different samplers, step counts, guidance (0 too), clipping, dynamic thresholding, classes
     SampleSettings(sampler="ddpm", steps=9, guidance=3.0, clip_x0=True),
     SampleSettings(sampler="ddim", steps=4, eta=0.5, guidance=0.0),

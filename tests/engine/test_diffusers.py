@@ -160,7 +160,7 @@ def test_export_back_to_diffusers_is_exact(imported, tmp_path):
     assert load_diffusers(tmp_path).config == ckpt.config
 
 
-def test_our_model_with_a_learned_null_class_round_trips(tmp_path):
+def test_our_model_with_a_learned_null_class_round_trips(tmp_path, capsys):
     """Our class-conditional model -> diffusers (the null class is its last class embedding) -> ours."""
     torch.manual_seed(3)
     config = replace(PRESETS["tiny"], image_size=16, num_classes=3, downsample_padding=0, norm_eps=1e-6)
@@ -176,7 +176,13 @@ def test_our_model_with_a_learned_null_class_round_trips(tmp_path):
     scheduler = diffusers.DDPMScheduler.from_pretrained(tmp_path / "hf")
     assert scheduler.config.beta_schedule == "squaredcos_cap_v2"
     assert same_betas(scheduler, DiffusionConfig(beta_schedule="cosine"))
+    # It samples as `ddpm-engine sample --sampler ddpm` does by default: our dynamic thresholding, uncapped.
+    threshold = SampleSettings().threshold
+    assert scheduler.config.thresholding and scheduler.config.dynamic_thresholding_ratio == threshold > 0
+    assert scheduler.config.sample_max_value > 100 and not scheduler.config.clip_sample
+    capsys.readouterr()
     assert main(["convert", "--from-diffusers", str(tmp_path / "hf"), "--out", str(tmp_path / "back.safetensors")]) == 0
+    assert f"--sampler ddpm --variance large --threshold {threshold}" in capsys.readouterr().out
     back = load_checkpoint(tmp_path / "back.safetensors")
     assert (back.config, back.class_names, back.diffusion) == (config, ("a", "b", "c"), DiffusionConfig(beta_schedule="cosine"))
     for key, value in back.model.state_dict().items():
@@ -242,7 +248,7 @@ def test_ddim_trajectory_matches_diffusers(tmp_path, T, steps, spacing):
     scheduler = diffusers.DDIMScheduler(num_train_timesteps=T, beta_schedule="linear", clip_sample=False,
                                         set_alpha_to_one=True, timestep_spacing=spacing or "linspace", steps_offset=0)
     scheduler.set_timesteps(steps)
-    settings = SampleSettings(sampler="ddim", steps=steps, eta=0.0, guidance=0.0)
+    settings = SampleSettings(sampler="ddim", steps=steps, eta=0.0, guidance=0.0, threshold=0.0)
     settings = settings if spacing is None else replace(settings, spacing=spacing)
     engine = build_engine(ckpt, "eager")
     assert scheduler.timesteps.tolist() == settings.plan(ckpt.diffusion).timesteps.flip(0).tolist()

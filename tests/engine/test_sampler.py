@@ -11,7 +11,7 @@ from engine.core import Engine
 from engine.diffusion import alpha_bar
 from engine.generate import sample_tensor
 from engine.noise import image_keys
-from engine.sampler import SampleSettings, ddim_plan, ddpm_plan, step, timestep_sequence
+from engine.sampler import SampleSettings, bound_x0, ddim_plan, ddpm_plan, step, timestep_sequence
 
 SHAPE = (2, 3, 3)
 
@@ -137,8 +137,8 @@ def test_guidance_is_one_batched_call_equal_to_two_separate_calls():
     assert model.calls == [10]  # ONE call on the 2B batch
     plan = settings.plan(DiffusionConfig())
     eps = guided_reference(model, x_T, plan.timesteps.expand(5), y, w)
-    assert torch.allclose(x0, step(plan, 0, x_T, eps, torch.zeros_like(x_T), torch.zeros_like(x_T))[0], atol=1e-5)
-
+    reference = step(plan, 0, x_T, eps, torch.zeros_like(x_T), torch.zeros_like(x_T), threshold=settings.threshold)[0]
+    assert torch.allclose(x0, reference, atol=1e-5)
 
 def test_zero_guidance_is_the_conditional_model_alone():
     model = GaussianOracle(DiffusionConfig(), torch.randn(3, *SHAPE), 0.5)
@@ -205,7 +205,7 @@ def test_dpm_solver_matches_diffusers(spacing):
     labels, keys, w = torch.tensor([0, 1, 1]), image_keys(3, torch.arange(3)), 1.5
     x_T = torch.randn(3, *SHAPE, generator=torch.Generator().manual_seed(1))
     for steps in range(1, 26):
-        settings = SampleSettings(sampler="dpm++2m", steps=steps, spacing=spacing, guidance=w)
+        settings = SampleSettings(sampler="dpm++2m", steps=steps, spacing=spacing, guidance=w, threshold=0.0)
         plan = settings.plan(diffusion)
         scheduler = diffusers.DPMSolverMultistepScheduler(
             num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
@@ -236,7 +236,8 @@ def test_the_default_dpm_grid_is_linspace_with_t0():
     assert default[1:4].tolist() == [71, 143, 214]
     named = SampleSettings(sampler="dpm++2m", spacing="linspace").plan(diffusion).timesteps
     assert named[0] == 67 and named[-1] == 999
-    ddim = [SampleSettings(sampler="ddim", spacing=s).plan(diffusion).timesteps.tolist() for s in ("linspace", "linspace-t0")]
+    ddim = [SampleSettings(sampler="ddim", spacing=s).plan(diffusion).timesteps.tolist()
+            for s in ("linspace", "linspace-t0")]
     assert ddim[0] == ddim[1]
 
 
@@ -267,3 +268,16 @@ def test_dynamic_thresholding_matches_diffusers(ratio):
     plain = run(replace(settings, threshold=0.0), model, labels, x_T, keys)
     assert (plain - ours).abs().max() > 0.1 and ours.abs().max() <= 1 + 1e-5 < plain.abs().max()
 
+
+
+def test_clipping_asked_for_overrides_the_default_thresholding():
+    """--clip-x0 is static clipping (diffusers' clip_sample) even with thresholding on, row by row."""
+    x0 = torch.randn(3, *SHAPE) * 3
+    clip = torch.tensor([True, False, False]).view(-1, 1, 1, 1)
+    p = torch.tensor([0.995, 0.995, 0.0]).view(-1, 1, 1, 1)
+    bounded, rows = bound_x0(x0, clip, p)
+    assert torch.equal(bounded[0], x0[0].clamp(-1, 1)) and torch.equal(bounded[2], x0[2])
+    s = torch.quantile(x0[1].abs().flatten(), 0.995)
+    assert s > 1 and torch.allclose(bounded[1], x0[1].clamp(-s, s) / s)
+    assert rows.flatten().tolist() == [True, True, False]
+    assert torch.equal(bound_x0(x0, True, 0.995)[0], x0.clamp(-1, 1))

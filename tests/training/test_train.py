@@ -314,8 +314,9 @@ def test_fid_every_logs_the_fid_of_the_ema_model(tmp_path, capsys):
     assert [r["fid"] != "" for r in rows] == [False, True, False, True]
     # Step 4's value is the FID of the final EMA model's 10 samples (DDIM 2, w = 1.8, seed 0).
     ckpt = load_checkpoint(out / "model.safetensors")
-    images, labels = generate(build_engine(ckpt, "eager"), SampleSettings(sampler="ddim", steps=2, guidance=1.8),
-                              torch.arange(10), list(range(10)), seed=0, progress=False)
+    settings = SampleSettings(sampler="ddim", steps=2, guidance=1.8, threshold=0.0)  # training's protocol
+    images, labels = generate(build_engine(ckpt, "eager"), settings, torch.arange(10), list(range(10)), seed=0,
+                              progress=False)
     assert sorted(labels) == list(range(10))
     expected = fid.frechet_distance(fid.feature_stats(network, [images], progress=False), fid.load_stats(tmp_path / "ref.npz"))
     assert float(rows[-1]["fid"]) == pytest.approx(expected, rel=1e-3)

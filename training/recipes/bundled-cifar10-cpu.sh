@@ -61,7 +61,7 @@ fi
 if [ ! -d runs/data/cifar10-jpeg/train ]; then
     mkdir -p runs/data && tar -xzf "$DATA" -C runs/data
 fi
-fid=()
+fid=(--fid-every 0)  # none, also in a resumed run that had them
 if [ "$FID_EVERY" != 0 ]; then
     [ -f "$FID_REF" ] || python -m engine.cli fid-ref runs/data/cifar10-jpeg/test --out "$FID_REF" --no-progress
     fid=(--fid-every "$FID_EVERY" --fid-samples 2000 --fid-ref "$FID_REF")
