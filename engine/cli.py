@@ -146,7 +146,7 @@ def add_sample(commands) -> None:
     sample.add_argument("--clip-x0", action="store_true", help="clip the predicted x_0 to [-1, 1] at each step")
     sample.add_argument("--threshold", type=unit_float, default=SAMPLE.threshold, metavar="P",
                         help="dynamic thresholding (Imagen): at each step s = max(1, the P-quantile of |x_0| of the "
-                             "image), x_0 -> clip(x_0, -s, s) / s; e.g. 0.995 (default: 0, off)")
+                             f"image), x_0 -> clip(x_0, -s, s) / s; 0 turns it off (default: {SAMPLE.threshold:g})")
     sample.add_argument("--batch-size", type=int_range(1), default=None,
                         help="images per model call (default: 256 on a GPU, 32 on the CPU, where larger batches "
                              f"cost more per image; at most {SHARD_IMAGES})")
