@@ -19,6 +19,7 @@ tests); this file only times. Never asserts a speed.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -110,9 +111,9 @@ def cases(tmp: Path) -> list[dict]:
                  guidance=1.8, batch=4, null=10) for sampler, spacing in (("dpm++2m", "linspace"), ("ddim", "leading"))]
 
 
-def wall(command: list[str]) -> tuple[float, str]:
+def wall(command: list[str], env: dict | None = None) -> tuple[float, str]:
     start = time.perf_counter()
-    result = subprocess.run(command, capture_output=True, text=True)
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
     seconds = time.perf_counter() - start
     assert result.returncode == 0, result.stderr[-2000:]
     return seconds, result.stdout
@@ -123,14 +124,17 @@ def once(seconds: float) -> Timing:
 
 
 def test_peer(record, tmp_path):
+    """Per case: the diffusers process, then ours three times: its defaults with an empty cache (a
+    user's first run of a checkpoint: ONNX export included where `auto` picks ONNX Runtime), its defaults
+    again (the cache warm: every later run), and `--precision fp32` where the default is not fp32."""
+    env = os.environ | {"DDPM_ENGINE_CACHE": str(tmp_path / "cache")}  # not the user's cache: the first run is cold
     for case in cases(tmp_path):
         flags = ["--checkpoint", str(case["folder"]), "-n", str(case["n"]), "--sampler", case["sampler"],
                  "--steps", str(case["steps"]), "--spacing", case["spacing"], "--guidance", str(case["guidance"]),
                  "--threshold", "0",  # diffusers' loop does not threshold: the same work on both sides
                  "--batch-size", str(case["batch"]), "--device", "cpu", "--no-progress"]
-        out_dir = str(tmp_path / case["name"])
-        ours_s, out = wall([sys.executable, "-m", "engine.cli", "sample", *flags, "--out", out_dir])
-        runs = out.split("; ")[-1].split(" on ")[0]
+        common = dict(batch=case["batch"], preset=case["name"], sampler=case["sampler"], steps=case["steps"],
+                      images=case["n"], guidance=case["guidance"])
         script = tmp_path / "diffusers_loop.py"
         script.write_text(DIFFUSERS_LOOP)
         theirs_s, out = wall([sys.executable, str(script), str(case["folder"]), str(case["n"]), case["sampler"],
@@ -138,9 +142,14 @@ def test_peer(record, tmp_path):
                               str(case["null"])])
         theirs = json.loads(out.strip().splitlines()[-1])
         assert theirs["finite"]
-        common = dict(batch=case["batch"], preset=case["name"], sampler=case["sampler"], steps=case["steps"],
-                      images=case["n"], guidance=case["guidance"])
-        record(what="peer", backend=f"ddpm-engine ({runs})", timing=once(ours_s), wall_s=round(ours_s, 2), **common)
         record(what="peer", backend="diffusers", timing=once(theirs_s), wall_s=round(theirs_s, 2),
-               loop_s=round(theirs["loop_s"], 2), imports_s=round(theirs["imports_s"], 2),
-               speedup_whole_process=round(theirs_s / ours_s, 2), **common)
+               loop_s=round(theirs["loop_s"], 2), imports_s=round(theirs["imports_s"], 2), **common)
+        runs = []
+        for run, extra in (("first run", []), ("cache warm", []), ("fp32", ["--precision", "fp32"])):
+            if run == "fp32" and runs[-1].endswith("-fp32"):
+                break  # the default already is fp32
+            ours_s, out = wall([sys.executable, "-m", "engine.cli", "sample", *flags, *extra,
+                                "--out", str(tmp_path / case["name"] / run.replace(" ", "-"))], env)
+            runs.append(out.split("; ")[-1].split(" on ")[0])  # what ran, e.g. "onnx-fp32"
+            record(what="peer", backend=f"ddpm-engine ({runs[-1]}, {run})", timing=once(ours_s),
+                   wall_s=round(ours_s, 2), speedup_whole_process=round(theirs_s / ours_s, 2), **common)
