@@ -1,5 +1,5 @@
 """`ddpm-engine`: sample images or interpolations from a checkpoint, convert diffusers checkpoints,
-benchmark the backends, or score samples with FID and IS."""
+benchmark the backends, or score samples with FID and IS, or by how many a classifier recognises."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from engine import backends, distributed
 from engine.backends import BACKENDS, PRECISIONS, build_engine
 from engine.bench import BENCH_BACKENDS, bench, format_header
 from engine.checkpoint import Checkpoint, atomic_write, load_checkpoint, meta_unet, save_checkpoint
+from engine.classifier import BUNDLED_CLASSIFIER, load_classifier, recognition
 from engine.clitools import (
     MAX_GUIDANCE,
     Parser,
@@ -74,6 +75,7 @@ EXAMPLES = """examples:
   ddpm-engine fid-ref cifar10-jpeg.tar.gz --split test --out runs/fid/cifar10-jpeg-test.npz
   ddpm-engine fid samples/samples.npz --ref runs/fid/cifar10-jpeg-test.npz   # -> samples/fid.json
   ddpm-engine fid samples/ --ref cifar-10-python.tar.gz --split train --inception inception-2015-12-05.pt
+  ddpm-engine score samples/                  # share of samples recognised as their class -> samples/score.json
 """
 
 
@@ -88,7 +90,7 @@ def build_parser() -> Parser:
     parser = Parser(prog="ddpm-engine", description="Sample class-conditional DDPM images with classifier-free guidance.",
                     epilog=EXAMPLES)
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    for add in (add_sample, add_interpolate, add_serve, add_bench, add_convert, add_fid, add_fid_ref):
+    for add in (add_sample, add_interpolate, add_serve, add_bench, add_convert, add_fid, add_fid_ref, add_score):
         add(commands)
     return parser
 
@@ -242,6 +244,18 @@ def add_fid_ref(commands) -> None:
     ref_cmd.add_argument("--limit", type=int_range(2), default=None,
                          help="use only N images, evenly spaced over the split (keeps a class-sorted set balanced)")
     evaluation_flags(ref_cmd)
+
+
+def add_score(commands) -> None:
+    """ddpm-engine score: recognition per class by the CIFAR-10 classifier."""
+    score_cmd = commands.add_parser("score", help="the share of samples a CIFAR-10 classifier recognises as the class "
+                                    "they were sampled for, per class, into score.json", epilog=EXAMPLES)
+    score_cmd.add_argument("samples", type=Path, help="a samples.npz, or a folder holding one (as `ddpm-engine sample` "
+                           "writes): images x and their classes y")
+    score_cmd.add_argument("--checkpoint", type=Path, default=None,
+                           help="the model that made the samples: its class names name y (default: the bundled model)")
+    score_cmd.add_argument("--classifier", type=Path, default=BUNDLED_CLASSIFIER,
+                           help="a classifier from `python -m training.classifier` (default: the bundled one)")
 
 
 SERVE_EXAMPLES = """examples:
@@ -511,8 +525,43 @@ def cmd_fid_ref(args) -> None:
     print(f"wrote {args.out}: statistics of {stats.count} images ({stats.source}{score}; {network.backend})")
 
 
+def labelled_samples(path: Path) -> tuple[Path, np.ndarray, np.ndarray]:
+    """(the .npz, its images x, its classes y) of a samples.npz or a folder holding one."""
+    if path.is_dir():
+        path = path / "samples.npz"
+    if not path.is_file():
+        raise UsageError(f"no samples at {path}: pass a samples.npz or the folder `ddpm-engine sample --out` wrote")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if "x" not in data.files or "y" not in data.files:
+                raise UsageError(f"{path} has no labelled images (arrays x and y)")
+            return path, data["x"], data["y"]
+    except (ValueError, EOFError, zipfile.BadZipFile):
+        raise UsageError(f"{path} is not a readable .npz file") from None
+
+
+def cmd_score(args) -> None:
+    """Writes score.json beside the samples.npz."""
+    path, images, labels = labelled_samples(args.samples)
+    out = path.parent / "score.json"
+    check_writable(out.parent)
+    class_names = open_model(args.checkpoint, torch.device("cpu")).class_names
+    classifier = load_classifier(args.classifier)
+    result = recognition(classifier, images, labels, class_names)
+    info = json.loads(classifier.metadata.get("info", "{}"))
+    report = {"recognised": result.overall, "samples": len(labels), "per_class": {
+                  name: {"samples": count, "recognised": share} for name, (count, share) in result.per_class.items()},
+              "classifier": {"path": str(args.classifier), "test_accuracy": info.get("test_accuracy")}}
+    atomic_write(out, lambda tmp: Path(tmp).write_text(json.dumps(report, indent=1) + "\n"))
+    accuracy = f", test accuracy {info['test_accuracy']:.1%}" if "test_accuracy" in info else ""
+    print(f"recognised {result.overall:.1%} of {len(labels)} samples as their class (classifier {args.classifier.name}"
+          f"{accuracy}); wrote {out}")
+    for name, (count, share) in result.per_class.items():
+        print(f"  {name:>12s} {share:6.1%} of {count}")
+
+
 COMMANDS = {"sample": cmd_sample, "interpolate": cmd_interpolate, "serve": cmd_serve, "convert": cmd_convert,
-            "bench": cmd_bench, "fid": cmd_fid, "fid-ref": cmd_fid_ref}
+            "bench": cmd_bench, "fid": cmd_fid, "fid-ref": cmd_fid_ref, "score": cmd_score}
 
 
 def main(argv: list[str] | None = None) -> int:
