@@ -34,13 +34,28 @@ from engine.model import UNet, keep_float32_islands
 BACKENDS = ("auto", "fused", "eager", "compile", "onnx", "tensorrt")
 PRECISIONS = ("auto", *DTYPES)
 
-# auto on the CPU: ONNX Runtime when onnxruntime is installed and the model's graph is cached or the run
-# has at least ONNX_MIN_IMAGE_STEPS (images x steps), eager otherwise. ONNX Runtime was the fastest fp32
-# CPU runtime, or tied, at every batch measured, with no compile; its export (1-10 s) pays back after a
-# few hundred image-steps: the measurements are in benchmarks/results/2026-11-29-cpu-backends.md.
+# The CPU's `auto`, from measurements (benchmarks/bench_runtimes.py; 2026-12-01 on this project's 2-core AMD
+# EPYC with AVX512-BF16, one run, interleaved rounds; min ms per image of a U-Net call):
+#   model (GFLOP/image)         U-Net batch   contiguous  eager (channels_last)  ONNX Runtime  eager bf16
+#   cifar10-cpu, 2.25M (0.73)        32          6.4           5.5                 5.4           5.5
+#                                    64          6.5           5.9                 5.1           4.3
+#                                   128          8.4           6.6                 5.6           4.1
+#   cifar10-compact, 6.5M (2.4)      16         20.0          18.9                18.0          14.5
+#                                    64         25.9          21.1                18.9          13.7
+#   ddpm-cifar10, 35.7M (12.4)        8         67.6          69.8                64.7          42.4
+#                                    16         68.8          66.1                65.7          40.2
+#                                    32         81.3          66.3                64.3          38.3
+# "contiguous" is the reference U-Net as diffusers runs it. In fp32 ONNX Runtime is the fastest or tied at every
+# size and batch, so fp32 `auto` is ONNX Runtime when onnxruntime is installed and the model's graph is cached
+# or the run has at least ONNX_MIN_IMAGE_STEPS (images x steps) to pay for exporting it (1-10 s), eager
+# otherwise. bf16 on a CPU with bf16 instructions is 1.2-1.7x ONNX Runtime's speed from U-Net batch 64 on
+# (and from the smallest batch on the paper's network), and precision `auto` takes it where it costs no FID:
+# up to guidance CPU_BF16_MAX_GUIDANCE (see resolve_precision); bf16 always runs eager.
 ONNX_MIN_IMAGE_STEPS = 500
-# bf16 on the CPU is faster but not the default: guidance amplifies its rounding (FID 157.6 vs 150.3
-# in fp32, same seeds; benchmarks/results/2026-11-29-cpu-backends.md). `--precision bf16` is the speed option.
+# bf16 sampling's FID against fp32's on the same weights and seeds is in engine/weights/README.md
+# ("Precision"). Earlier (2026-11-29, an undertrained model, no thresholding) guidance at w = 1.8 amplified
+# bf16's rounding to FID 157.6 against 150.3.
+CPU_BF16_MAX_GUIDANCE = 0.0
 
 
 class BackendError(ConfigError):
@@ -51,9 +66,8 @@ class EagerModel(nn.Module):
     """A copy of the reference UNet in `dtype` (below fp32 with float32 GroupNorm/embeddings), channels_last
     below fp32 and on the CPU: a memory layout, not a change of the model.
 
-    channels_last is where oneDNN's CPU convolutions are fastest: in fp32 1.0-1.3x contiguous's speed by
-    model and batch, never slower beyond the noise (the table above); fp32 on CUDA keeps the layout it
-    was measured in."""
+    channels_last is where oneDNN's CPU convolutions are fastest: in fp32 up to 1.3x contiguous's speed
+    (0.97-1.27x by model and batch in the table above); fp32 on CUDA keeps the layout it was measured in."""
 
     def __init__(self, model: UNet, dtype: torch.dtype = torch.float32):
         super().__init__()
@@ -76,24 +90,32 @@ def native_cpu_bf16() -> bool:
                for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """auto: bf16 on CUDA (tensor cores), fp32 on the CPU (where bf16 costs FID under guidance, above)."""
+def resolve_precision(precision: str, device: torch.device, guidance: float | None = None) -> str:
+    """auto: bf16 on CUDA (tensor cores); on the CPU bf16 where it has bf16 instructions and the run's
+    guidance is at most CPU_BF16_MAX_GUIDANCE (guidance amplifies rounding: (1 + w) eps_c - w eps_u), else
+    fp32. guidance None: not known when the engine is built (a server's requests each bring their own)."""
     if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
+        if device.type == "cuda":
+            return "bf16"
+        bf16 = guidance is not None and guidance <= CPU_BF16_MAX_GUIDANCE and native_cpu_bf16()
+        return "bf16" if bf16 else "fp32"
     if precision not in DTYPES:
         raise BackendError(f"unknown precision {precision!r}; use {', '.join(PRECISIONS)}")
     return precision
 
 
-def resolve_backend(name: str, device: torch.device, image_steps: int | None = None, onnx_cached: bool = False) -> str:
-    """auto: fused on CUDA; on the CPU ONNX Runtime when its graph of this model is cached or the run
-    is long enough to pay for exporting it, else eager (see above)."""
+def resolve_backend(name: str, device: torch.device, image_steps: int | None = None, onnx_cached: bool = False,
+                    precision: str = "fp32") -> str:
+    """auto: fused on CUDA; on the CPU eager in bf16, in fp32 ONNX Runtime when its graph of this model is
+    cached or the run is long enough to pay for exporting it, else eager (see above)."""
     if name not in BACKENDS:
         raise BackendError(f"unknown backend {name!r}; use {', '.join(BACKENDS)}")
     if name != "auto":
         return name
     if device.type == "cuda":
         return "fused"
+    if precision != "fp32":
+        return "eager"
     long_run = image_steps is not None and image_steps >= ONNX_MIN_IMAGE_STEPS
     if (onnx_cached or long_run) and onnxruntime_installed():
         return "onnx"
@@ -118,14 +140,15 @@ def default_max_batch(device: torch.device) -> int:
 
 def build_engine(ckpt: Checkpoint, backend: str = "auto", device: torch.device | str = "cpu", precision: str = "auto",
                  max_batch: int | None = None, graphs: bool | None = None, image_steps: int | None = None,
-                 admission: str = "step") -> Engine:
+                 guidance: float | None = None, admission: str = "step") -> Engine:
     """The sampling engine of `ckpt` (its model already on `device`) through `backend`.
 
     max_batch: the most images in a step (default_max_batch; the U-Net sees twice as many under
     guidance, and it is the largest CUDA-graph bucket). graphs: CUDA graphs for the fused backend
-    (default: on CUDA). image_steps: images x sampling steps of the run, for `auto` on the CPU.
+    (default: on CUDA). image_steps (images x sampling steps) and guidance of the run: for `auto` on the CPU.
     """
     device = torch.device(device)
+    precision = resolve_precision(precision, device, guidance)
     name, model, use_graphs = eps_model(ckpt, backend, device, precision, graphs, image_steps)
     config = ckpt.config
     return Engine(name, model, ckpt.diffusion, (config.in_channels, config.image_size, config.image_size),
@@ -140,10 +163,10 @@ def eps_model(ckpt: Checkpoint, name: str, device: torch.device, precision: str,
             raise BackendError(f"this checkpoint is a {ckpt.runtime} export: use --backend {ckpt.runtime} (or auto), "
                                f"or pass the .safetensors checkpoint for --backend {name}")
         return f"{ckpt.runtime}-{ckpt.precision}", ckpt.model, False
-    # auto on the CPU: a cached fp32 graph decides for ONNX Runtime, and is what it then loads (one hash of the weights).
-    cached = cached_graph(ckpt) if name == "auto" and device.type == "cpu" and onnxruntime_installed() else None
-    name = resolve_backend(name, device, image_steps, cached is not None)
-    precision = resolve_precision(precision, device)
+    # auto on the CPU in fp32: a cached graph decides for ONNX Runtime, and is what it then loads (one hash of the weights).
+    fp32_auto = name == "auto" and device.type == "cpu" and precision == "fp32"
+    cached = cached_graph(ckpt) if fp32_auto and onnxruntime_installed() else None
+    name = resolve_backend(name, device, image_steps, cached is not None, precision)
     dtype = DTYPES[precision]
     match name:
         case "eager":
