@@ -112,13 +112,14 @@ def json_header(f: BinaryIO, size: int) -> tuple[dict, int]:
     return header, header_len
 
 
-def safetensors_header(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, dict], int]:
+def safetensors_header(path: str | os.PathLike, what: str = "file") -> tuple[dict[str, str], dict[str, dict], int]:
     """(metadata, tensor entries, size of the data section) of a .safetensors file, from its JSON header
-    alone: nothing is read or allocated for the tensors. The one reader of that header here (checkpoints
-    and training states); the tensors themselves are read by safetensors."""
+    alone: nothing is read or allocated for the tensors. The one reader of that header here (checkpoints,
+    training states, classifiers); the tensors themselves are read by safetensors. `what` names the file
+    in the not-found message."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"file not found: {path}")
+        raise CheckpointError(f"{what} not found: {path}")
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -134,9 +135,7 @@ def safetensors_header(path: str | os.PathLike) -> tuple[dict[str, str], dict[st
 
 def read_header(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, dict], int]:
     """safetensors_header of a ddpm-engine checkpoint: its metadata names FORMAT."""
-    if not Path(path).is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    metadata, header, data_size = safetensors_header(path)
+    metadata, header, data_size = safetensors_header(path, "checkpoint")
     if metadata.get("format") != FORMAT:
         raise CheckpointError(f"{path} is a safetensors file but not a ddpm-engine checkpoint (no '{FORMAT}' metadata)")
     return metadata, header, data_size

@@ -91,10 +91,8 @@ def save_classifier(path: str | os.PathLike, model: ResNet9, class_names: tuple[
 def load_classifier(path: str | os.PathLike = BUNDLED_CLASSIFIER) -> Classifier:
     """The classifier in `path`, in float32 eval mode; one ClassifierError line for anything wrong with the file."""
     path = Path(path)
-    if not path.is_file():
-        raise ClassifierError(f"classifier not found: {path}")
     try:
-        metadata, _, _ = safetensors_header(path)
+        metadata, _, _ = safetensors_header(path, "classifier")
     except UserError as e:
         raise ClassifierError(str(e)) from None
     if metadata.get("format") != FORMAT:
