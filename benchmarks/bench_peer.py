@@ -30,11 +30,14 @@ import pytest
 import torch
 
 from benchmarks.harness import FULL
+from engine.backends import build_engine
 from engine.bench import Timing
 from engine.checkpoint import save_checkpoint
-from engine.cli import BUNDLED_CHECKPOINT
+from engine.cli import BUNDLED_CHECKPOINT, open_model
 from engine.config import PRESETS, DiffusionConfig
+from engine.generate import generate
 from engine.model import UNet
+from engine.sampler import SampleSettings
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers (test extra) is the peer")
 
@@ -123,8 +126,31 @@ def once(seconds: float) -> Timing:
     return Timing(seconds * 1e3, seconds * 1e3, seconds * 1e3, seconds, 1)
 
 
+LOOP: dict[str, float] = {}
+
+
+def ours_loop(case: dict, env: dict) -> str:
+    """Our side in this process, what the diffusers process times as its loop: from opening the folder to
+    the images in memory (engine.cli's open_model, build_engine and generate; no PNGs). Sets LOOP["s"];
+    returns what ran."""
+    start = time.perf_counter()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DDPM_ENGINE_CACHE", env["DDPM_ENGINE_CACHE"])
+        ckpt = open_model(case["folder"], torch.device("cpu"))
+        settings = SampleSettings(sampler=case["sampler"], steps=case["steps"], spacing=case["spacing"],
+                                  guidance=case["guidance"], threshold=0.0)
+        engine = build_engine(ckpt, "auto", "cpu", "auto", max_batch=case["batch"], guidance=case["guidance"],
+                              image_steps=case["n"] * case["steps"])
+        images, _ = generate(engine, settings, torch.arange(case["n"]), list(range(ckpt.config.num_classes or 1)), 0,
+                             progress=False)
+    LOOP["s"] = time.perf_counter() - start
+    assert images.shape[0] == case["n"]
+    return engine.name
+
+
 def test_peer(record, tmp_path):
-    """Per case: the diffusers process, then ours three times: its defaults with an empty cache (a
+    """Per case: the diffusers process; ours in this process (the loop, as the diffusers process times
+    its own); then ours as whole processes three times: its defaults with an empty cache (a
     user's first run of a checkpoint: ONNX export included where `auto` picks ONNX Runtime), its defaults
     again (the cache warm: every later run), and `--precision fp32` where the default is not fp32."""
     env = os.environ | {"DDPM_ENGINE_CACHE": str(tmp_path / "cache")}  # not the user's cache: the first run is cold
@@ -144,6 +170,10 @@ def test_peer(record, tmp_path):
         assert theirs["finite"]
         record(what="peer", backend="diffusers", timing=once(theirs_s), wall_s=round(theirs_s, 2),
                loop_s=round(theirs["loop_s"], 2), imports_s=round(theirs["imports_s"], 2), **common)
+        record(what="peer-loop", backend=f"ddpm-engine ({ours_loop(case, env)})", timing=once(LOOP["s"]),
+               loop_s=round(LOOP["s"], 2), speedup_loop=round(theirs["loop_s"] / LOOP["s"], 2), **common)
+        record(what="peer-loop", backend="diffusers", timing=once(theirs["loop_s"]), loop_s=round(theirs["loop_s"], 2),
+               **common)
         runs = []
         for run, extra in (("first run", []), ("cache warm", []), ("fp32", ["--precision", "fp32"])):
             if run == "fp32" and runs[-1].endswith("-fp32"):
