@@ -139,8 +139,7 @@ def ours_loop(case: dict, env: dict) -> str:
         ckpt = open_model(case["folder"], torch.device("cpu"))
         settings = SampleSettings(sampler=case["sampler"], steps=case["steps"], spacing=case["spacing"],
                                   guidance=case["guidance"], threshold=0.0)
-        engine = build_engine(ckpt, "auto", "cpu", "auto", max_batch=case["batch"], guidance=case["guidance"],
-                              image_steps=case["n"] * case["steps"])
+        engine = build_engine(ckpt, "auto", "cpu", "auto", max_batch=case["batch"], image_steps=case["n"] * case["steps"])
         images, _ = generate(engine, settings, torch.arange(case["n"]), list(range(ckpt.config.num_classes or 1)), 0,
                              progress=False)
     LOOP["s"] = time.perf_counter() - start

@@ -49,14 +49,13 @@ PRECISIONS = ("auto", *DTYPES)
 # size and batch, so fp32 `auto` is ONNX Runtime when onnxruntime is installed and the model's graph is cached
 # or the run has at least ONNX_MIN_IMAGE_STEPS (images x steps) to pay for exporting it (1-10 s), eager
 # otherwise. bf16 on a CPU with bf16 instructions is 1.2-1.7x ONNX Runtime's speed from U-Net batch 64 on
-# (and from the smallest batch on the paper's network), and precision `auto` takes it where it costs no FID:
-# up to guidance CPU_BF16_MAX_GUIDANCE (see resolve_precision); bf16 always runs eager.
+# (and from the smallest batch on the paper's network); it runs eager (ONNX Runtime has no bf16 path here).
 ONNX_MIN_IMAGE_STEPS = 500
-# bf16 sampling's FID against fp32's, the same weights (the bundled model at 31,635 steps) and seeds, 2,000
-# images, the default sampler (engine/weights/README.md, "Precision"): under the default guidance (w = 1.8)
-# 38.98 in bf16 against 34.3 in fp32, so guided runs stay fp32 (as on 2026-11-29: 157.6 against 150.3 on an
-# undertrained model); unguided UNGUIDED.
-CPU_BF16_MAX_GUIDANCE = 0.0
+# bf16 is not the CPU's default: its rounding costs FID, most under guidance ((1 + w) eps_c - w eps_u
+# amplifies it). The bundled model at 31,635 steps, the default sampler, 2,000 images, the same seeds
+# (engine/weights/README.md, "Precision"): w = 1.8 38.98 in bf16 against 34.3 in fp32; unguided (w = 0)
+# 44.12 against 43.21. Both are beyond the 0.5 FID that separates settings at n = 2,000 (the rule that
+# chose w), so `--precision bf16` is the speed option, and `auto` stays fp32 on the CPU.
 
 
 class BackendError(ConfigError):
@@ -91,15 +90,10 @@ def native_cpu_bf16() -> bool:
                for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 
 
-def resolve_precision(precision: str, device: torch.device, guidance: float | None = None) -> str:
-    """auto: bf16 on CUDA (tensor cores); on the CPU bf16 where it has bf16 instructions and the run's
-    guidance is at most CPU_BF16_MAX_GUIDANCE (guidance amplifies rounding: (1 + w) eps_c - w eps_u), else
-    fp32. guidance None: not known when the engine is built (a server's requests each bring their own)."""
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """auto: bf16 on CUDA (tensor cores), fp32 on the CPU (where bf16 costs FID, above)."""
     if precision == "auto":
-        if device.type == "cuda":
-            return "bf16"
-        bf16 = guidance is not None and guidance <= CPU_BF16_MAX_GUIDANCE and native_cpu_bf16()
-        return "bf16" if bf16 else "fp32"
+        return "bf16" if device.type == "cuda" else "fp32"
     if precision not in DTYPES:
         raise BackendError(f"unknown precision {precision!r}; use {', '.join(PRECISIONS)}")
     return precision
@@ -141,15 +135,15 @@ def default_max_batch(device: torch.device) -> int:
 
 def build_engine(ckpt: Checkpoint, backend: str = "auto", device: torch.device | str = "cpu", precision: str = "auto",
                  max_batch: int | None = None, graphs: bool | None = None, image_steps: int | None = None,
-                 guidance: float | None = None, admission: str = "step") -> Engine:
+                 admission: str = "step") -> Engine:
     """The sampling engine of `ckpt` (its model already on `device`) through `backend`.
 
     max_batch: the most images in a step (default_max_batch; the U-Net sees twice as many under
     guidance, and it is the largest CUDA-graph bucket). graphs: CUDA graphs for the fused backend
-    (default: on CUDA). image_steps (images x sampling steps) and guidance of the run: for `auto` on the CPU.
+    (default: on CUDA). image_steps: images x sampling steps of the run, for `auto` on the CPU.
     """
     device = torch.device(device)
-    precision = resolve_precision(precision, device, guidance)
+    precision = resolve_precision(precision, device)
     name, model, use_graphs = eps_model(ckpt, backend, device, precision, graphs, image_steps)
     config = ckpt.config
     return Engine(name, model, ckpt.diffusion, (config.in_channels, config.image_size, config.image_size),

@@ -103,8 +103,7 @@ def model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="model implementation (default: auto = fused on CUDA, the fastest correct one on the CPU)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
-                   help="for fused, eager and compile (default: auto = bf16 on CUDA; on the CPU bf16 where it has "
-                        "bf16 instructions and the run is unguided (-w 0), else fp32)")
+                   help="for fused, eager and compile (default: auto = bf16 on CUDA, fp32 on the CPU)")
 
 
 def sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -337,8 +336,7 @@ def cmd_sample(args) -> None:
                                   guidance=resolve_guidance(args.guidance, SAMPLE.guidance, ckpt.config))
         image_steps = -(-n // world.size) * settings.num_steps(ckpt.diffusion.num_timesteps)
         engine = build_engine(ckpt, args.backend, device, args.precision,
-                              max_batch=args.batch_size and min(args.batch_size, SHARD_IMAGES), image_steps=image_steps,
-                              guidance=settings.guidance)
+                              max_batch=args.batch_size and min(args.batch_size, SHARD_IMAGES), image_steps=image_steps)
         run = SampleRun(args.out, n, classes, SHARD_IMAGES, {
             "model": model_digest(args.checkpoint or BUNDLED_CHECKPOINT), "sampler": asdict(settings), "seed": args.seed})
         done, error = 0, None
@@ -381,7 +379,7 @@ def cmd_interpolate(args) -> None:
                        guidance=resolve_guidance(args.guidance, INTERPOLATION.guidance, ckpt.config))
     images = 2 * args.pairs * args.frames  # one batch, one run: no CUDA graphs
     engine = build_engine(ckpt, args.backend, device, args.precision, max_batch=images, graphs=False,
-                          image_steps=images * settings.num_steps(ckpt.diffusion.num_timesteps), guidance=settings.guidance)
+                          image_steps=images * settings.num_steps(ckpt.diffusion.num_timesteps))
     frames = interpolate(engine, settings, class_index, args.pairs, args.frames, args.seed, progress=not args.no_progress)
     with staged_output(args.out) as stage:
         rows = [frames[i:i + args.frames] for i in range(0, len(frames), args.frames)]
