@@ -30,7 +30,7 @@ import pytest
 import torch
 
 from benchmarks.harness import FULL
-from engine.backends import build_engine
+from engine.backends import build_engine, native_cpu_bf16
 from engine.bench import Timing
 from engine.checkpoint import save_checkpoint
 from engine.cli import BUNDLED_CHECKPOINT, open_model
@@ -148,10 +148,10 @@ def ours_loop(case: dict, env: dict) -> str:
 
 
 def test_peer(record, tmp_path):
-    """Per case: the diffusers process; ours in this process (the loop, as the diffusers process times
-    its own); then ours as whole processes three times: its defaults with an empty cache (a
-    user's first run of a checkpoint: ONNX export included where `auto` picks ONNX Runtime), its defaults
-    again (the cache warm: every later run), and `--precision fp32` where the default is not fp32."""
+    """Per case: the diffusers process; ours as whole processes: its defaults with an empty cache (a user's
+    first run of a checkpoint: ONNX export included where `auto` picks ONNX Runtime), its defaults again
+    (the cache warm: every later run) and `--precision bf16` (the CPU's speed option, where the CPU has bf16
+    instructions); then ours in this process, the cache warm (the loop, as the diffusers process times its own)."""
     env = os.environ | {"DDPM_ENGINE_CACHE": str(tmp_path / "cache")}  # not the user's cache: the first run is cold
     for case in cases(tmp_path):
         flags = ["--checkpoint", str(case["folder"]), "-n", str(case["n"]), "--sampler", case["sampler"],
@@ -169,16 +169,15 @@ def test_peer(record, tmp_path):
         assert theirs["finite"]
         record(what="peer", backend="diffusers", timing=once(theirs_s), wall_s=round(theirs_s, 2),
                loop_s=round(theirs["loop_s"], 2), imports_s=round(theirs["imports_s"], 2), **common)
+        for run, extra in (("first run", []), ("cache warm", []), ("bf16", ["--precision", "bf16"])):
+            if run == "bf16" and not native_cpu_bf16():
+                break  # emulated bf16: slower than fp32, not an option worth timing
+            ours_s, out = wall([sys.executable, "-m", "engine.cli", "sample", *flags, *extra,
+                                "--out", str(tmp_path / case["name"] / run.replace(" ", "-"))], env)
+            ran = out.split("; ")[-1].split(" on ")[0]  # e.g. "onnx-fp32"
+            record(what="peer", backend=f"ddpm-engine ({ran}, {run})", timing=once(ours_s),
+                   wall_s=round(ours_s, 2), speedup_whole_process=round(theirs_s / ours_s, 2), **common)
         record(what="peer-loop", backend=f"ddpm-engine ({ours_loop(case, env)})", timing=once(LOOP["s"]),
                loop_s=round(LOOP["s"], 2), speedup_loop=round(theirs["loop_s"] / LOOP["s"], 2), **common)
         record(what="peer-loop", backend="diffusers", timing=once(theirs["loop_s"]), loop_s=round(theirs["loop_s"], 2),
                **common)
-        runs = []
-        for run, extra in (("first run", []), ("cache warm", []), ("fp32", ["--precision", "fp32"])):
-            if run == "fp32" and runs[-1].endswith("-fp32"):
-                break  # the default already is fp32
-            ours_s, out = wall([sys.executable, "-m", "engine.cli", "sample", *flags, *extra,
-                                "--out", str(tmp_path / case["name"] / run.replace(" ", "-"))], env)
-            runs.append(out.split("; ")[-1].split(" on ")[0])  # what ran, e.g. "onnx-fp32"
-            record(what="peer", backend=f"ddpm-engine ({runs[-1]}, {run})", timing=once(ours_s),
-                   wall_s=round(ours_s, 2), speedup_whole_process=round(theirs_s / ours_s, 2), **common)
