@@ -1,10 +1,12 @@
 """ddpm-engine against diffusers on the same checkpoint and scheduler, in one run (issue 23).
 
-Each case runs twice as whole processes, start-up and all: `ddpm-engine sample` (its default
-backend) and a diffusers loop (`UNet2DModel.from_pretrained` and the matching scheduler, the
-pipelines' loop written out: one model call a step, the conditional and unconditional halves in one
-batch under guidance). The diffusers process also reports its loop time from `from_pretrained` on
-(what the issue's first table measured). Rows: what="peer", backend = "ddpm-engine" or "diffusers".
+Each case runs as whole processes, start-up and all: `ddpm-engine sample` (its default backend and
+precision, first with an empty ONNX cache, then warm; and with `--precision bf16`) and a diffusers loop
+(`UNet2DModel.from_pretrained` and the matching scheduler, the pipelines' loop written out: one model
+call a step, the conditional and unconditional halves in one batch under guidance), in interleaved
+rounds; the diffusers process also reports its loop time from `from_pretrained` on (what the issue's
+first table measured), and ours is timed the same way in this process. Rows: what="peer" (whole
+processes; backend "diffusers" or "ddpm-engine (what ran, which run)") and what="peer-loop".
 
 Full mode (DDPM_BENCH_FULL=1), the issue's cases:
 - the bundled model exported with `convert --to-diffusers`: 100 guided images (w = 1.8),
@@ -40,6 +42,7 @@ from engine.model import UNet
 from engine.sampler import SampleSettings
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers (test extra) is the peer")
+ROUNDS = 3 if FULL else 1
 
 # The network of google/ddpm-cifar10-32 (the paper's, unconditional; its config.json converts to this,
 # tests/engine/test_diffusers.py).
@@ -122,17 +125,15 @@ def wall(command: list[str], env: dict | None = None) -> tuple[float, str]:
     return seconds, result.stdout
 
 
-def once(seconds: float) -> Timing:
-    return Timing(seconds * 1e3, seconds * 1e3, seconds * 1e3, seconds, 1)
+def timing(seconds: list[float]) -> Timing:
+    """Median, min and max of the rounds (the first call is the first round)."""
+    ordered = sorted(seconds)
+    return Timing(ordered[len(ordered) // 2] * 1e3, ordered[0] * 1e3, ordered[-1] * 1e3, seconds[0], len(seconds))
 
 
-LOOP: dict[str, float] = {}
-
-
-def ours_loop(case: dict, env: dict) -> str:
+def ours_loop(case: dict, env: dict) -> tuple[float, str]:
     """Our side in this process, what the diffusers process times as its loop: from opening the folder to
-    the images in memory (engine.cli's open_model, build_engine and generate; no PNGs). Sets LOOP["s"];
-    returns what ran."""
+    the images in memory (engine.cli's open_model, build_engine and generate; no PNGs). (seconds, what ran)."""
     start = time.perf_counter()
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("DDPM_ENGINE_CACHE", env["DDPM_ENGINE_CACHE"])
@@ -142,17 +143,20 @@ def ours_loop(case: dict, env: dict) -> str:
         engine = build_engine(ckpt, "auto", "cpu", "auto", max_batch=case["batch"], image_steps=case["n"] * case["steps"])
         images, _ = generate(engine, settings, torch.arange(case["n"]), list(range(ckpt.config.num_classes or 1)), 0,
                              progress=False)
-    LOOP["s"] = time.perf_counter() - start
+    seconds = time.perf_counter() - start
     assert images.shape[0] == case["n"]
-    return engine.name
+    return seconds, engine.name
 
 
 def test_peer(record, tmp_path):
-    """Per case: the diffusers process; ours as whole processes: its defaults with an empty cache (a user's
-    first run of a checkpoint: ONNX export included where `auto` picks ONNX Runtime), its defaults again
-    (the cache warm: every later run) and `--precision bf16` (the CPU's speed option, where the CPU has bf16
-    instructions); then ours in this process, the cache warm (the loop, as the diffusers process times its own)."""
+    """Per case: ours once with an empty cache (a user's first run of a checkpoint: the ONNX export included
+    where `auto` picks ONNX Runtime); then ROUNDS interleaved rounds of the diffusers process, ours with its
+    defaults (the cache warm: every later run) and ours with `--precision bf16` (the CPU's speed option, where
+    the CPU has bf16 instructions), so that a slow moment of this shared machine falls on every side alike;
+    then ours in this process (the loop, as the diffusers process times its own). Speed-ups: medians."""
     env = os.environ | {"DDPM_ENGINE_CACHE": str(tmp_path / "cache")}  # not the user's cache: the first run is cold
+    script = tmp_path / "diffusers_loop.py"
+    script.write_text(DIFFUSERS_LOOP)
     for case in cases(tmp_path):
         flags = ["--checkpoint", str(case["folder"]), "-n", str(case["n"]), "--sampler", case["sampler"],
                  "--steps", str(case["steps"]), "--spacing", case["spacing"], "--guidance", str(case["guidance"]),
@@ -160,24 +164,43 @@ def test_peer(record, tmp_path):
                  "--batch-size", str(case["batch"]), "--device", "cpu", "--no-progress"]
         common = dict(batch=case["batch"], preset=case["name"], sampler=case["sampler"], steps=case["steps"],
                       images=case["n"], guidance=case["guidance"])
-        script = tmp_path / "diffusers_loop.py"
-        script.write_text(DIFFUSERS_LOOP)
-        theirs_s, out = wall([sys.executable, str(script), str(case["folder"]), str(case["n"]), case["sampler"],
-                              str(case["steps"]), case["spacing"], str(case["guidance"]), str(case["batch"]),
-                              str(case["null"])])
-        theirs = json.loads(out.strip().splitlines()[-1])
-        assert theirs["finite"]
-        record(what="peer", backend="diffusers", timing=once(theirs_s), wall_s=round(theirs_s, 2),
-               loop_s=round(theirs["loop_s"], 2), imports_s=round(theirs["imports_s"], 2), **common)
-        for run, extra in (("first run", []), ("cache warm", []), ("bf16", ["--precision", "bf16"])):
-            if run == "bf16" and not native_cpu_bf16():
-                break  # emulated bf16: slower than fp32, not an option worth timing
-            ours_s, out = wall([sys.executable, "-m", "engine.cli", "sample", *flags, *extra,
-                                "--out", str(tmp_path / case["name"] / run.replace(" ", "-"))], env)
-            ran = out.split("; ")[-1].split(" on ")[0]  # e.g. "onnx-fp32"
-            record(what="peer", backend=f"ddpm-engine ({ran}, {run})", timing=once(ours_s),
-                   wall_s=round(ours_s, 2), speedup_whole_process=round(theirs_s / ours_s, 2), **common)
-        record(what="peer-loop", backend=f"ddpm-engine ({ours_loop(case, env)})", timing=once(LOOP["s"]),
-               loop_s=round(LOOP["s"], 2), speedup_loop=round(theirs["loop_s"] / LOOP["s"], 2), **common)
-        record(what="peer-loop", backend="diffusers", timing=once(theirs["loop_s"]), loop_s=round(theirs["loop_s"], 2),
+
+        def ours(run: str, *extra: str) -> tuple[float, str]:
+            seconds, out = wall([sys.executable, "-m", "engine.cli", "sample", *flags, *extra,
+                                 "--out", str(tmp_path / case["name"] / run)], env)
+            return seconds, out.split("; ")[-1].split(" on ")[0]  # what ran, e.g. "onnx-fp32"
+
+        def theirs() -> tuple[float, dict]:
+            seconds, out = wall([sys.executable, str(script), str(case["folder"]), str(case["n"]), case["sampler"],
+                                 str(case["steps"]), case["spacing"], str(case["guidance"]), str(case["batch"]),
+                                 str(case["null"])])
+            report = json.loads(out.strip().splitlines()[-1])
+            assert report["finite"]
+            return seconds, report
+
+        first_s, first_ran = ours("first-run")
+        sides = {"diffusers": [], "default": [], "bf16": []}
+        loops, ran = [], {}
+        for round_ in range(ROUNDS):
+            seconds, report = theirs()
+            sides["diffusers"].append(seconds)
+            loops.append(report["loop_s"])
+            for side, extra in (("default", ()), ("bf16", ("--precision", "bf16"))):
+                if side == "bf16" and not native_cpu_bf16():
+                    continue  # emulated bf16: slower than fp32, not an option worth timing
+                seconds, ran[side] = ours(f"{side}-{round_}", *extra)
+                sides[side].append(seconds)
+        diffusers = timing(sides["diffusers"])
+        record(what="peer", backend="diffusers", timing=diffusers, loop_s=round(sorted(loops)[len(loops) // 2], 2),
                **common)
+        record(what="peer", backend=f"ddpm-engine ({first_ran}, first run)", timing=timing([first_s]),
+               speedup_whole_process=round(diffusers.median_ms / (first_s * 1e3), 2), **common)
+        for side, seconds in sides.items():
+            if side != "diffusers" and seconds:
+                ours_timing = timing(seconds)
+                record(what="peer", backend=f"ddpm-engine ({ran[side]}, {'cache warm' if side == 'default' else side})",
+                       timing=ours_timing, speedup_whole_process=round(diffusers.median_ms / ours_timing.median_ms, 2),
+                       **common)
+        loop_s, loop_ran = ours_loop(case, env)
+        record(what="peer-loop", backend=f"ddpm-engine ({loop_ran})", timing=timing([loop_s]),
+               speedup_loop=round(sorted(loops)[len(loops) // 2] / loop_s, 2), **common)
