@@ -12,7 +12,7 @@ from PIL import Image
 from engine.checkpoint import save_checkpoint
 from engine.classifier import ClassifierError, ResNet9, load_classifier, predict, recognition, save_classifier
 from engine.cli import main
-from engine.config import PRESETS, DiffusionConfig
+from engine.config import CIFAR10_CLASSES, PRESETS, DiffusionConfig
 from engine.model import UNet
 from training.classifier import augment, learning_rate
 from training.classifier import main as train_main
@@ -144,3 +144,16 @@ def test_augment_crops_and_flips_within_the_padded_image():
 
 def test_one_cycle_learning_rate():
     assert [learning_rate(s, 8, 1.0) for s in range(8)] == [0.0, 0.5, 1.0, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6]
+
+
+def test_the_bundled_classifier_scores_samples_of_the_bundled_model(tmp_path, capsys):
+    """The defaults: the shipped classifier (CIFAR-10's classes, its recorded test run) and the bundled model's
+    class names for y."""
+    classifier = load_classifier()
+    assert classifier.class_names == CIFAR10_CLASSES
+    assert json.loads(classifier.metadata["info"])["test_images"] == 10_000
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "samples.npz", x=rng.integers(0, 256, (30, 32, 32, 3), dtype=np.uint8), y=np.arange(30) % 3)
+    assert main(["score", str(tmp_path / "samples.npz")]) == 0
+    report = json.loads((tmp_path / "score.json").read_text())
+    assert {name: v["samples"] for name, v in report["per_class"].items()} == dict.fromkeys(CIFAR10_CLASSES[:3], 10)
