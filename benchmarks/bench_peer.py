@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -126,9 +127,8 @@ def wall(command: list[str], env: dict | None = None) -> tuple[float, str]:
 
 
 def timing(seconds: list[float]) -> Timing:
-    """Median, min and max of the rounds (the first call is the first round)."""
-    ordered = sorted(seconds)
-    return Timing(ordered[len(ordered) // 2] * 1e3, ordered[0] * 1e3, ordered[-1] * 1e3, seconds[0], len(seconds))
+    """Timing of whole-process runs (the first run is the first round)."""
+    return Timing.of([t * 1e3 for t in seconds], seconds[0])
 
 
 def ours_loop(case: dict, env: dict) -> tuple[float, str]:
@@ -190,9 +190,8 @@ def test_peer(record, tmp_path):
                     continue  # emulated bf16: slower than fp32, not an option worth timing
                 seconds, ran[side] = ours(f"{side}-{round_}", *extra)
                 sides[side].append(seconds)
-        diffusers = timing(sides["diffusers"])
-        record(what="peer", backend="diffusers", timing=diffusers, loop_s=round(sorted(loops)[len(loops) // 2], 2),
-               **common)
+        diffusers, loop = timing(sides["diffusers"]), statistics.median(loops)
+        record(what="peer", backend="diffusers", timing=diffusers, loop_s=round(loop, 2), **common)
         record(what="peer", backend=f"ddpm-engine ({first_ran}, first run)", timing=timing([first_s]),
                speedup_whole_process=round(diffusers.median_ms / (first_s * 1e3), 2), **common)
         for side, seconds in sides.items():
@@ -203,4 +202,4 @@ def test_peer(record, tmp_path):
                        **common)
         loop_s, loop_ran = ours_loop(case, env)
         record(what="peer-loop", backend=f"ddpm-engine ({loop_ran})", timing=timing([loop_s]),
-               speedup_loop=round(sorted(loops)[len(loops) // 2] / loop_s, 2), **common)
+               speedup_loop=round(loop / loop_s, 2), **common)

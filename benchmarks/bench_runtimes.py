@@ -1,5 +1,5 @@
-"""The CPU runtimes behind `--backend auto` and `--precision auto` (engine.backends.CPU_RUNTIMES), side by
-side (issue 23, item 2).
+"""The CPU runtimes behind `--backend auto` (the table in engine/backends.py), side by side (issue 23,
+item 2).
 
 For each model size the engine runs on the CPU (the bundled cifar10-cpu, 2.25M parameters; cifar10-compact,
 6.5M; the paper's ddpm-cifar10, 35.7M) and U-Net batches around the CPU's sampling batch (2 x 32 images under
@@ -70,8 +70,7 @@ def test_cpu_runtimes(record, preset, tmp_path, monkeypatch):
                 else:
                     first[name] = elapsed
         for name, times in seconds.items():
-            times.sort()
-            timing = Timing(times[len(times) // 2] * 1e3, times[0] * 1e3, times[-1] * 1e3, first[name], len(times))
+            timing = Timing.of([t * 1e3 for t in times], first[name])
             record(what="runtime", backend=name, preset=preset, batch=batch, timing=timing,
-                   flops=flops_per_image(config) * batch, min_ms_per_image=round(times[0] * 1e3 / batch, 2),
+                   flops=flops_per_image(config) * batch, min_ms_per_image=round(timing.min_ms / batch, 2),
                    median_ms_per_image=round(timing.median_ms / batch, 2))

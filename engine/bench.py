@@ -59,6 +59,11 @@ class Timing:
     first_call_s: float
     rounds: int
 
+    @classmethod
+    def of(cls, times_ms: list[float], first_call_s: float) -> Timing:
+        """The median, min and max of the rounds' times."""
+        return cls(statistics.median(times_ms), min(times_ms), max(times_ms), first_call_s, len(times_ms))
+
 
 def measure(fn, warmup: int, rounds: int, cuda_events: bool) -> Timing:
     """Time fn() `rounds` times after `warmup` calls (the first of which is timed on its own: it
@@ -89,7 +94,7 @@ def measure(fn, warmup: int, rounds: int, cuda_events: bool) -> Timing:
             start = time.perf_counter()
             fn()
             times.append((time.perf_counter() - start) * 1e3)
-    return Timing(statistics.median(times), min(times), max(times), first_call_s, rounds)
+    return Timing.of(times, first_call_s)
 
 
 @functools.lru_cache(maxsize=None)
