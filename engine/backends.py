@@ -63,8 +63,8 @@ class BackendError(ConfigError):
 
 
 class EagerModel(nn.Module):
-    """A copy of the reference UNet in `dtype` (below fp32 with float32 GroupNorm/embeddings), channels_last
-    below fp32 and on the CPU: a memory layout, not a change of the model.
+    """The reference UNet in `dtype` (below fp32 a copy with float32 GroupNorm/embeddings), channels_last
+    below fp32 and on the CPU (a copy there too: a memory layout, not a change of the model).
 
     channels_last is where oneDNN's CPU convolutions are fastest: in fp32 up to 1.3x contiguous's speed
     (0.97-1.27x by model and batch in the table above); fp32 on CUDA keeps the layout it was measured in."""
@@ -74,8 +74,11 @@ class EagerModel(nn.Module):
         self.config, self.dtype = model.config, dtype
         on_cpu = next(model.parameters()).device.type == "cpu"
         self.memory_format = torch.channels_last if dtype != torch.float32 or on_cpu else torch.contiguous_format
-        model = copy.deepcopy(model).to(dtype=dtype, memory_format=self.memory_format)  # the caller's stays as it is
-        self.unet = (keep_float32_islands(model) if dtype != torch.float32 else model).eval()
+        if dtype != torch.float32:
+            model = keep_float32_islands(copy.deepcopy(model).to(dtype=dtype, memory_format=self.memory_format))
+        elif self.memory_format != torch.contiguous_format:  # a copy: the caller's module keeps its layout
+            model = copy.deepcopy(model).to(memory_format=self.memory_format)
+        self.unet = model.eval()
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -140,8 +140,9 @@ def recognition(classifier: Classifier, images: np.ndarray, labels: np.ndarray,
     unknown = sorted(set(names[i] for i in np.unique(labels)) - set(classifier.class_names))
     if unknown:
         raise ClassifierError(f"the classifier does not know the class(es) {', '.join(unknown)}")
-    wanted = np.array([classifier.class_names.index(names[i]) for i in labels])
-    hit = predict(classifier.model, images) == wanted
+    # The classifier's index of each of the model's classes (-1: unknown, and absent from labels).
+    index = np.array([classifier.class_names.index(n) if n in classifier.class_names else -1 for n in names])
+    hit = predict(classifier.model, images) == index[labels]
     per_class = {names[i]: (int((labels == i).sum()), float(hit[labels == i].mean()))
                  for i in range(len(names)) if (labels == i).any()}
     return Recognition(float(hit.mean()), per_class)

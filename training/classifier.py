@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from engine.backends import native_cpu_bf16
 from engine.classifier import ResNet9, predict, save_classifier
 from engine.clitools import int_range, positive_float, reported
 from engine.datasets import DataError
@@ -71,8 +72,7 @@ def train(args) -> None:
                           lr=0.0, momentum=0.9, nesterov=True)
     steps_per_epoch = len(train_set) // args.batch_size
     total = steps_per_epoch * args.epochs
-    bf16 = args.bf16 and any(getattr(torch.cpu, p, lambda: False)() for p in ("_is_avx512_bf16_supported",
-                                                                               "_is_amx_tile_supported"))
+    bf16 = args.bf16 and native_cpu_bf16()
     start, step = time.perf_counter(), 0
     with tqdm(total=total, unit="step", disable=args.no_progress) as bar:
         for epoch in range(args.epochs):
