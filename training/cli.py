@@ -130,7 +130,12 @@ def add_recipe_flags(parser: Parser) -> None:
                              "2023; 5 is theirs) instead of the report's plain L_simple (default: off)")
     recipe.add_argument("--init-from", type=Path, default=None,
                         help="start a new run from this checkpoint's weights (model and EMA; fresh optimizer), "
-                             "e.g. to continue a model on a new machine or to fine-tune")
+                             "e.g. to continue a model on a new machine or to fine-tune; implies --no-ema-warmup")
+    recipe.add_argument("--ema-warmup", action=argparse.BooleanOptionalAction, default=None,
+                        help="ramp the EMA decays from 0.9 toward their values over the first steps, "
+                             "min(decay, (1 + step) / (10 + step)), so that an EMA of a new run forgets the random "
+                             "init; --no-ema-warmup applies the decays from the first step, as an EMA that starts "
+                             "from trained weights should (default: on, off with --init-from)")
 
 
 def add_output_flags(parser: Parser) -> None:
@@ -178,6 +183,8 @@ def make_config(args: argparse.Namespace) -> TrainConfig:
             given[name] = str(getattr(args, name))
     saved = saved_config(args.out) if args.resume else None
     if saved is None:
+        if "init_from" in given and "ema_warmup" not in given:
+            given["ema_warmup"] = False  # its EMA starts from trained weights: nothing to forget
         if args.preset is None or args.dataset is None:
             raise ConfigError("--preset and --dataset are required for a new run")
         return TrainConfig(**given)

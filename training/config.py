@@ -34,6 +34,7 @@ class TrainConfig:
     p_uncond: float = 0.1               # probability of replacing a label by the null class
     ema_decay: float = 0.9999
     ema_long_decay: float | None = None # a second, longer EMA (model-ema-long.safetensors); None: none
+    ema_warmup: bool = True             # ramp the EMAs' decay with the step (ema_decay_at); off for --init-from
     min_snr_gamma: float | None = None  # None: plain L_simple; else Min-SNR-gamma loss weights
     dropout: float | None = None        # None: the preset's
     init_from: str | None = None        # a checkpoint whose weights start the model and its EMA
@@ -63,7 +64,7 @@ HYPERPARAMETERS = ("preset", "dataset", "batch_size", "lr", "warmup_multiplier",
 # belong to one invocation.
 KEPT_ON_RESUME = HYPERPARAMETERS + ("data_dir", "checkpoint_every", "log_every", "sample_every", "sample_steps",
                                     "sample_sampler", "fid_every", "fid_samples", "fid_ref", "precision",
-                                    "ema_long_decay")
+                                    "ema_long_decay", "ema_warmup")
 
 
 @dataclass(frozen=True)

@@ -40,9 +40,10 @@ def get_lr(epoch: float, config: TrainConfig, total_epochs: float) -> float:
     return peak * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def ema_decay_at(step: int, decay: float) -> float:
-    """The EMA decay after `step` updates, warmed up so short runs are not dominated by the init."""
-    return min(decay, (1 + step) / (10 + step))
+def ema_decay_at(step: int, decay: float, warmup: bool = True) -> float:
+    """The EMA decay after `step` updates, warmed up so short runs are not dominated by the random
+    init. Without `warmup` (an EMA that starts from trained weights) the decay itself."""
+    return min(decay, (1 + step) / (10 + step)) if warmup else decay
 
 
 @torch.no_grad()

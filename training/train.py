@@ -209,9 +209,9 @@ def train_step(step: int, run: Run, procs: World, models: Models, data: OnDevice
     loss, grad_norm = optimize(
         models.net, models.model, models.ema, models.optimizer, x0, y, t, noise, data.alpha_bar, data.bf16,
         lr=get_lr(run.epoch(step), config, run.epoch(run.total_steps)), grad_clip=config.grad_clip,
-        ema_beta=ema_decay_at(step, config.ema_decay), min_snr_gamma=config.min_snr_gamma)
+        ema_beta=ema_decay_at(step, config.ema_decay, config.ema_warmup), min_snr_gamma=config.min_snr_gamma)
     if models.ema_long is not None:
-        update_ema(models.ema_long, models.model, ema_decay_at(step, config.ema_long_decay))
+        update_ema(models.ema_long, models.model, ema_decay_at(step, config.ema_long_decay, config.ema_warmup))
     return loss, grad_norm
 
 
@@ -225,4 +225,4 @@ def log_row(step: int, run: Run, procs: World, models: Models, data: OnDevice, p
     if evaluate:
         score = f"{evaluate_fid(models.ema, run.model_config, data.diffusion, config, data.device, *run.fid):.3f}"
     progress.write(done, run.epoch(done), get_lr(run.epoch(step), config, run.epoch(run.total_steps)), loss, grad_norm,
-                   ema_decay_at(step, config.ema_decay), images_per_s, score)
+                   ema_decay_at(step, config.ema_decay, config.ema_warmup), images_per_s, score)

@@ -53,6 +53,7 @@ def test_no_warmup():
 def test_ema_decay_warmup_and_lerp():
     assert ema_decay_at(0, 0.9999) == pytest.approx(0.1)
     assert ema_decay_at(10**7, 0.9999) == 0.9999
+    assert ema_decay_at(0, 0.9999, warmup=False) == 0.9999  # an EMA that starts from trained weights
     net, ema = nn.Linear(3, 2), nn.Linear(3, 2)
     expected = [0.9 * pe.detach() + 0.1 * pn.detach() for pe, pn in zip(ema.parameters(), net.parameters())]
     update_ema(ema, net, 0.9)

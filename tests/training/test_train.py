@@ -277,6 +277,24 @@ def test_init_from_starts_model_and_ema_from_a_checkpoint(straight, tmp_path, ca
     assert not (other / "state.safetensors").exists()
 
 
+def test_init_from_applies_the_ema_decay_from_the_first_step(straight, tmp_path):
+    # Its EMA starts from trained weights: the warm-up (decay 0.1 at step 0) would throw them away.
+    common = ["--device", "cpu", "--preset", "tiny", "--dataset", "synthetic", "--batch-size", "4",
+              "--ema-decay", "0.99", "--log-every", "1", "--sample-every", "0", "--no-progress", "--precision", "fp32"]
+    out = tmp_path / "init"
+    assert train_main([*common, "--steps", "2", "--out", str(out),
+                       "--init-from", str(straight / "model.safetensors")]) == 0
+    assert [float(r["ema_decay"]) for r in log_rows(out)] == [0.99, 0.99]
+    assert train_main(["--resume", "--steps", "3", "--out", str(out), "--no-progress"]) == 0  # kept on resume
+    assert float(log_rows(out)[-1]["ema_decay"]) == 0.99
+    # A new run from scratch warms up unless told not to; a resumed one may switch it off.
+    scratch = tmp_path / "scratch"
+    assert train_main([*common, "--steps", "1", "--out", str(scratch)]) == 0
+    assert float(log_rows(scratch)[0]["ema_decay"]) == pytest.approx(0.1)
+    assert train_main(["--resume", "--steps", "2", "--out", str(scratch), "--no-progress", "--no-ema-warmup"]) == 0
+    assert float(log_rows(scratch)[-1]["ema_decay"]) == 0.99
+
+
 def test_time_limit_checkpoints_and_stops(straight, tmp_path):
     out = tmp_path / "timed"
     train(make_config(out, time_limit=1e-9))  # out of time after the first step

@@ -18,7 +18,10 @@
 # PRECISION (ddpm-train --precision; default auto: bf16 autocast where the CPU has bf16 instructions),
 # EMA (which EMA the export ships: "short", the recipe's 0.9995, the default; "long", the second EMA
 # of 0.9999 that the run keeps too, in model-ema-long.safetensors; added after 2026-12-01, it started
-# from the first EMA where it joined the run).
+# from the first EMA where it joined the run). The EMAs' decay warm-up (ddpm-train --ema-warmup) is on
+# for a run from scratch and off for one continued from the weights (--init-from); the run of the
+# shipped model was continued from them on 2026-11-30 before that rule existed, and was switched to
+# --no-ema-warmup on 2026-12-02 at its step 13,000 (before, both EMAs ran at ~0.9993, the same).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
