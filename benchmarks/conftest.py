@@ -69,7 +69,7 @@ def record(request):
         seconds = timing.median_ms * 1e-3
         if flops is not None:
             row["tflop_per_s"] = sig(flops / seconds / 1e12)
-            row["fraction_of_matmul_peak"] = sig(flops / seconds / ceilings()["matmul_flop_per_s"])
+            row["fraction_of_peak"] = sig(flops / seconds / ceilings()["compute_flop_per_s"])
         if bytes is not None:
             row["gb_per_s"] = sig(bytes / seconds / 1e9)
             row["fraction_of_copy"] = sig(bytes / seconds / ceilings()["copy_bytes_per_s"])
@@ -96,15 +96,16 @@ CASE_KEYS = ("preset", "shape", "dtype", "layout", "sampler", "steps", "device")
 
 def markdown(report: dict) -> str:
     lines = [f"Measured {report['date']} on {report['device']}, torch {report['torch']}, triton {report['triton']}.",
-             f"Ceilings measured in the same run: matmul ({report['ceilings'].get('matmul_dtype')}) "
-             f"{report['ceilings'].get('matmul_flop_per_s', 0) / 1e12:.1f} TFLOP/s, copy "
+             f"Ceilings measured in the same run: compute ({report['ceilings'].get('compute_dtype')}, "
+             f"{report['ceilings'].get('compute_kernel')}) "
+             f"{report['ceilings'].get('compute_flop_per_s', 0) / 1e12:.3g} TFLOP/s, copy "
              f"{report['ceilings'].get('copy_bytes_per_s', 0) / 1e9:.0f} GB/s.", "",
              "| what | case | backend | batch | median ms | min ms | max ms | rate | fraction of ceiling | first call s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         case = " ".join(str(r[k]) for k in CASE_KEYS if k in r)
         rate = f"{r['tflop_per_s']} TFLOP/s" if "tflop_per_s" in r else f"{r['gb_per_s']} GB/s" if "gb_per_s" in r else ""
-        frac = r.get("fraction_of_matmul_peak", r.get("fraction_of_copy", ""))
+        frac = r.get("fraction_of_peak", r.get("fraction_of_copy", ""))
         lines.append(f"| {r['what']} | {case} | {r['backend']} | {r['batch']} | {r['ms_median']} | {r['ms_min']} | "
                      f"{r['ms_max']} | {rate} | {frac} | {r['first_call_s']} |")
     return "\n".join(lines) + "\n"
