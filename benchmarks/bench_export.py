@@ -17,12 +17,12 @@ import time
 import pytest
 import torch
 
-from engine.bench import flops_per_image
-from engine.checkpoint import Checkpoint
 from engine.config import CIFAR10_CLASSES, PRESETS, DiffusionConfig
+from engine.formats.checkpoint import Checkpoint
+from engine.formats.onnx import load_onnx
+from engine.formats.onnx_export import export_onnx, random_inputs
 from engine.model import UNet
-from engine.runtimes.onnx import load_onnx
-from engine.runtimes.onnx_export import export_onnx, random_inputs
+from engine.timing import flops_per_image
 
 FULL = os.environ.get("DDPM_BENCH_FULL") == "1"
 QUICK_CASE = ("cifar10-compact", 2)

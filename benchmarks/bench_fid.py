@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from benchmarks.harness import measure
-from engine import fid
+from engine.evaluation import fid
 
 FULL = os.environ.get("DDPM_BENCH_FULL") == "1"
 BATCHES = (4, 8, 16)

@@ -14,7 +14,7 @@ Full mode (DDPM_BENCH_FULL=1), the issue's cases:
 - the paper's 35.7M network in the google/ddpm-cifar10-32 layout (random weights, written by
   diffusers): 16 unconditional images, DDIM 20 steps leading, batch 16.
 Quick mode (CI): a tiny random class-conditional model, 4 guided images, 3 DPM-Solver++ steps.
-The images are not compared here (tests/engine/test_diffusers.py and test_sampler.py hold the parity
+The images are not compared here (tests/engine/formats/test_diffusers.py and test_sampler.py hold the parity
 tests); this file only times. Never asserts a speed.
 """
 
@@ -34,19 +34,19 @@ import torch
 
 from benchmarks.harness import FULL
 from engine.backends import build_engine, native_cpu_bf16
-from engine.bench import Timing
-from engine.checkpoint import save_checkpoint
-from engine.cli import BUNDLED_CHECKPOINT, open_model
 from engine.config import PRESETS, DiffusionConfig
+from engine.formats.checkpoint import save_checkpoint
+from engine.formats.opener import BUNDLED_CHECKPOINT, open_model
 from engine.generate import generate
 from engine.model import UNet
 from engine.sampler import SampleSettings
+from engine.timing import Timing
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers (test extra) is the peer")
 ROUNDS = 3 if FULL else 1
 
 # The network of google/ddpm-cifar10-32 (the paper's, unconditional; its config.json converts to this,
-# tests/engine/test_diffusers.py).
+# tests/engine/formats/test_diffusers.py).
 PAPER = replace(PRESETS["ddpm-cifar10"], num_classes=0, learned_null=False, downsample_padding=0, norm_eps=1e-6)
 
 # The diffusers side, a whole process: argv = folder, n, sampler, steps, spacing, guidance, batch, null class.
@@ -92,7 +92,7 @@ print(json.dumps({"imports_s": loaded - start, "loop_s": done - loaded, "finite"
 def diffusers_folder(tmp: Path, checkpoint: Path) -> Path:
     """A checkpoint of ours as a diffusers folder (`ddpm-engine convert --to-diffusers`)."""
     folder = tmp / checkpoint.stem
-    subprocess.run([sys.executable, "-m", "engine.cli", "convert", str(checkpoint), "--to-diffusers", str(folder)],
+    subprocess.run([sys.executable, "-m", "engine.apps.cli", "convert", str(checkpoint), "--to-diffusers", str(folder)],
                    check=True, capture_output=True)
     return folder
 
@@ -133,7 +133,7 @@ def timing(seconds: list[float]) -> Timing:
 
 def ours_loop(case: dict, env: dict) -> tuple[float, str]:
     """Our side in this process, what the diffusers process times as its loop: from opening the folder to
-    the images in memory (engine.cli's open_model, build_engine and generate; no PNGs). (seconds, what ran)."""
+    the images in memory (engine.apps.cli's open_model, build_engine and generate; no PNGs). (seconds, what ran)."""
     start = time.perf_counter()
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("DDPM_ENGINE_CACHE", env["DDPM_ENGINE_CACHE"])
@@ -166,7 +166,7 @@ def test_peer(record, tmp_path):
                       images=case["n"], guidance=case["guidance"])
 
         def ours(run: str, *extra: str) -> tuple[float, str]:
-            seconds, out = wall([sys.executable, "-m", "engine.cli", "sample", *flags, *extra,
+            seconds, out = wall([sys.executable, "-m", "engine.apps.cli", "sample", *flags, *extra,
                                  "--out", str(tmp_path / case["name"] / run)], env)
             return seconds, out.split("; ")[-1].split(" on ")[0]  # what ran, e.g. "onnx-fp32"
 

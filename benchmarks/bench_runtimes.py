@@ -23,10 +23,10 @@ import torch
 
 from benchmarks.harness import FULL
 from engine.backends import build_engine, native_cpu_bf16, onnxruntime_installed
-from engine.bench import Timing, flops_per_image
-from engine.checkpoint import Checkpoint
 from engine.config import CIFAR10_CLASSES, PRESETS, DiffusionConfig
+from engine.formats.checkpoint import Checkpoint
 from engine.model import UNet
+from engine.timing import Timing, flops_per_image
 
 CASES = {"cifar10-cpu": (32, 64, 128), "cifar10-compact": (16, 64), "ddpm-cifar10": (8, 16, 32)} if FULL else {"tiny": (2,)}
 ROUNDS = 6 if FULL else 1

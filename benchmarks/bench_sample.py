@@ -21,13 +21,13 @@ import torch
 
 from benchmarks.harness import FULL, ON_GPU, Timing, heavy, measure
 from engine.backends import BackendError, build_engine
-from engine.bench import BENCH_BACKENDS, flops_per_image, step_fn
-from engine.checkpoint import Checkpoint
-from engine.cli import BUNDLED_CHECKPOINT
 from engine.config import CIFAR10_CLASSES, PRESETS, DiffusionConfig
+from engine.formats.checkpoint import Checkpoint
+from engine.formats.opener import BUNDLED_CHECKPOINT
 from engine.generate import generate
 from engine.model import UNet
 from engine.sampler import SampleSettings
+from engine.timing import BENCH_BACKENDS, flops_per_image, step_fn
 
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 STEP_CASES = [("ddpm-cifar10", b) for b in (2, 256, 1024)] + [("ddpm-stl10", b) for b in (2, 256)]
@@ -102,7 +102,7 @@ def run_sample_cli(out, *args) -> tuple[float, str]:
     if not BUNDLED_CHECKPOINT.is_file():
         pytest.skip(f"no bundled model at {BUNDLED_CHECKPOINT}")
     start = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "engine.cli", "sample", "--out", str(out), "--no-progress", *args],
+    result = subprocess.run([sys.executable, "-m", "engine.apps.cli", "sample", "--out", str(out), "--no-progress", *args],
                             capture_output=True, text=True)
     seconds = time.perf_counter() - start
     assert result.returncode == 0, result.stderr

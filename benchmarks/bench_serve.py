@@ -37,13 +37,13 @@ import torch
 
 from benchmarks.harness import FULL
 from engine.backends import build_engine
-from engine.bench import Timing
-from engine.checkpoint import save_checkpoint
-from engine.cli import BUNDLED_CHECKPOINT, open_checkpoint
 from engine.config import PRESETS, DiffusionConfig
+from engine.formats.checkpoint import save_checkpoint
+from engine.formats.opener import BUNDLED_CHECKPOINT, open_checkpoint
 from engine.generate import generate
 from engine.model import UNet
 from engine.sampler import SampleSettings
+from engine.timing import Timing
 
 pytest.importorskip("uvicorn", reason="the serve extra (pip install -e '.[serve]')")
 
@@ -75,7 +75,7 @@ class Served:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "engine.cli", "serve", "--checkpoint", str(checkpoint), "--device", "cpu",
+            [sys.executable, "-m", "engine.apps.cli", "serve", "--checkpoint", str(checkpoint), "--device", "cpu",
              "--backend", BACKEND, "--port", str(self.port), "--grace", "1", *flags],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         self.engine = self.process.stdout.readline().split(" ")[1]  # "serving NAME on http://..."

@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from benchmarks.harness import FULL, ON_GPU
-from engine.bench import flops_per_image
 from engine.config import PRESETS, DiffusionConfig, ModelConfig
 from engine.diffusion import alpha_bar as make_alpha_bar
 from engine.model import UNet, count_parameters
+from engine.timing import flops_per_image
 from training.recipe import optimize
 
 CUDA = torch.cuda.is_available()

@@ -1,4 +1,4 @@
-"""Timing defaults and ceilings shared by the benchmarks; the timer is engine.bench.measure
+"""Timing defaults and ceilings shared by the benchmarks; the timer is engine.timing.measure
 (the one `ddpm-engine bench` uses): CUDA events on the GPU after warm-up, perf_counter on
 the CPU, the first call (compilation, autotuning, graph capture) reported apart."""
 
@@ -8,8 +8,8 @@ import os
 
 import torch
 
-from engine.bench import Timing
-from engine.bench import measure as engine_measure
+from engine.timing import Timing
+from engine.timing import measure as engine_measure
 
 ON_GPU = torch.cuda.is_available()
 # CPU runs in a quick mode (few rounds, small sizes) unless DDPM_BENCH_FULL=1.
@@ -19,7 +19,7 @@ heavy = dict(condition=not FULL, reason="heavy size: runs on the GPU (or with DD
 
 
 def measure(fn, warmup: int = WARMUP, rounds: int = ROUNDS, cuda_events: bool = ON_GPU) -> Timing:
-    """engine.bench.measure with this suite's defaults: CUDA events on the GPU, quick rounds on the CPU."""
+    """engine.timing.measure with this suite's defaults: CUDA events on the GPU, quick rounds on the CPU."""
     return engine_measure(fn, warmup, rounds, cuda_events)
 
 

@@ -25,10 +25,10 @@ from typing import Callable
 import torch
 from torch import nn
 
-from engine.checkpoint import Checkpoint, CheckpointError
 from engine.config import DTYPES
 from engine.core import Engine
 from engine.errors import ConfigError
+from engine.formats.checkpoint import Checkpoint, CheckpointError
 from engine.model import UNet, keep_float32_islands
 
 BACKENDS = ("auto", "fused", "eager", "compile", "onnx", "tensorrt")
@@ -194,10 +194,10 @@ def eps_model(ckpt: Checkpoint, name: str, device: torch.device, precision: str,
 
 def onnx_from_checkpoint(ckpt: Checkpoint, device: torch.device, fp16: bool = False, cached: Path | None = None):
     """The checkpoint as a verified ONNX graph in ONNX Runtime: from the cache of exported graphs
-    (engine.runtimes.onnx_export.cached_onnx; `cached`: its entry, already looked up), exported into
+    (engine.formats.onnx_export.cached_onnx; `cached`: its entry, already looked up), exported into
     it on first use; through a temporary folder when the cache cannot be written."""
-    from engine.runtimes.onnx import load_onnx
-    from engine.runtimes.onnx_export import ExportError, cached_onnx, export_onnx
+    from engine.formats.onnx import load_onnx
+    from engine.formats.onnx_export import ExportError, cached_onnx, export_onnx
 
     try:
         try:
@@ -218,6 +218,6 @@ def onnx_from_checkpoint(ckpt: Checkpoint, device: torch.device, fp16: bool = Fa
 
 def cached_graph(ckpt: Checkpoint) -> Path | None:
     """The cached fp32 ONNX graph of the checkpoint's weights, or None."""
-    from engine.runtimes.onnx_export import cached_onnx
+    from engine.formats.onnx_export import cached_onnx
 
     return cached_onnx(ckpt, fp16=False, export=False)

@@ -30,7 +30,7 @@ class ModelConfig:
     num_classes: int = 10  # the null class (unconditional model) is index num_classes; 0: an unconditional model
     num_groups: int = 32
     patch_size: int = 1  # > 1: a pixel-unshuffle stem, so the top level runs at image_size / patch_size
-    # What imported models (engine.diffusers_format) differ in; the defaults are our own models'.
+    # What imported models (engine.formats.diffusers_format) differ in; the defaults are our own models'.
     downsample_padding: int = 1  # 1: the stride-2 conv pads every side; 0: bottom/right only (TF 'SAME', Ho et al.)
     norm_eps: float = 1e-5  # GroupNorm's epsilon (Ho et al.'s TF code and diffusers' DDPM configs: 1e-6)
     learned_null: bool = True  # class row num_classes was trained as the null class; False: it is zero, no guidance

@@ -5,7 +5,7 @@ Image i's noise and label depend only on (seed, i) (engine.noise, engine.generat
 gathered result is the single-process result whatever the number of ranks. NCCL on CUDA
 (each rank on cuda:LOCAL_RANK), gloo on the CPU.
 
-    torchrun --nproc-per-node 8 -m engine.cli sample -n 100000 --out samples
+    torchrun --nproc-per-node 8 -m engine.apps.cli sample -n 100000 --out samples
 """
 
 from __future__ import annotations

@@ -6,9 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from engine.checkpoint import load_checkpoint
-from engine.clitools import Parser, reported
-from engine.runtimes.onnx_export import DEFAULT_OPSET, OPSETS, ExportError, export_onnx
+from engine.apps.clitools import Parser, reported
+from engine.formats.checkpoint import load_checkpoint
+from engine.formats.onnx_export import DEFAULT_OPSET, OPSETS, ExportError, export_onnx
 from export.tensorrt import build_plan, require_tensorrt
 
 EXAMPLES = """examples:

@@ -1,6 +1,6 @@
-"""The `ddpm-export` console script: export.cli's main(), with Ctrl-C during start-up handled (engine.clitools.console_main)."""
+"""The `ddpm-export` console script: export.cli's main(), with Ctrl-C during start-up handled (engine.apps.clitools.console_main)."""
 
-from engine.clitools import console_main
+from engine.apps.clitools import console_main
 
 
 def main() -> int:

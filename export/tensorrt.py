@@ -1,5 +1,5 @@
 """Build a TensorRT engine from the exported fp16 ONNX file, as a `.plan` that
-engine/runtimes/tensorrt.py runs (its docstring describes the file).
+engine/formats/tensorrt.py runs (its docstring describes the file).
 
 Written against the documented TensorRT 10 Python API (Builder, OnnxParser,
 IOptimizationProfile). TensorRT is not installable on this project's machines, so this
@@ -12,9 +12,9 @@ import json
 import os
 from pathlib import Path
 
-from engine.checkpoint import CheckpointError, atomic_write
-from engine.runtimes.onnx import INPUT_NAMES, parse_metadata
-from engine.runtimes.tensorrt import BATCH_BUCKETS, require_tensorrt
+from engine.formats.checkpoint import CheckpointError, atomic_write
+from engine.formats.onnx import INPUT_NAMES, parse_metadata
+from engine.formats.tensorrt import BATCH_BUCKETS, require_tensorrt
 
 WORKSPACE_BYTES = 4 << 30
 

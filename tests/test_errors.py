@@ -8,12 +8,12 @@ import pkgutil
 import pytest
 
 import engine
-import engine.cli
+import engine.apps.cli
 import export
 import export.cli
 import training
 import training.cli
-from engine.cli import main as engine_main
+from engine.apps.cli import main as engine_main
 from engine.errors import UserError
 from export.cli import main as export_main
 from training.cli import main as train_main
@@ -109,7 +109,7 @@ def test_a_bug_is_not_turned_into_one_line(tiny_checkpoint, tmp_path, monkeypatc
     def broken(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(engine.cli, "build_engine", broken)
+    monkeypatch.setattr(engine.apps.cli, "build_engine", broken)
     with pytest.raises(type(error)):
         engine_main(engine_sample(tiny_checkpoint, tmp_path / "o", "-n", "2", "--steps", "2"))
     monkeypatch.setattr(export.cli, "export_onnx", broken)

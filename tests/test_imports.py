@@ -76,3 +76,31 @@ def test_packages_import_only_downward():
     upward = [(a, b) for a, targets in import_graph().items() for b in targets
               if LAYER[b.split(".")[0]] > LAYER[a.split(".")[0]]]
     assert upward == []
+
+
+# The applications: command lines, the server and the scripts run with `python -m`. The library (every
+# other module of kernels/, engine/, export/, training/) never imports one; benchmarks/ measure the library.
+APPLICATIONS = ("engine.apps", "training.cli", "training.console", "training.classifier", "export.cli",
+                "export.console")
+
+
+def is_application(module: str) -> bool:
+    return any(module == app or module.startswith(app + ".") for app in APPLICATIONS)
+
+
+def library_imports_of_applications(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
+    return sorted((a, b) for a, targets in graph.items() for b in targets
+                  if not is_application(a) and is_application(b))
+
+
+def test_the_library_never_imports_an_application():
+    graph = import_graph()
+    assert "engine.apps.cli" in graph and "engine.formats.opener" in graph["engine.apps.cli"]  # read at all
+    assert library_imports_of_applications(graph) == []
+
+
+def test_the_application_rule_finds_a_library_import_of_the_cli():
+    graph = {"engine.core": {"engine.apps.cli"}, "engine.apps.cli": {"engine.core"},
+             "benchmarks.bench_x": {"engine.apps.serve"}, "training.cli": {"engine.apps.clitools"}}
+    assert library_imports_of_applications(graph) == [("benchmarks.bench_x", "engine.apps.serve"),
+                                                     ("engine.core", "engine.apps.cli")]

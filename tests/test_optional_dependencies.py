@@ -37,8 +37,8 @@ def find_spec(name, package=None, _real=importlib.util.find_spec):
 sys.meta_path.insert(0, Missing())
 importlib.util.find_spec = find_spec
 import torch
-from engine.checkpoint import save_checkpoint
-from engine.cli import main as engine_main
+from engine.formats.checkpoint import save_checkpoint
+from engine.apps.cli import main as engine_main
 from engine.config import PRESETS, DiffusionConfig
 from engine.model import UNet
 from export.cli import main as export_main

@@ -5,7 +5,7 @@ import re
 import shlex
 from pathlib import Path
 
-from engine.cli import main as engine_main
+from engine.apps.cli import main as engine_main
 from training.cli import main as train_main
 
 README = Path(__file__).resolve().parents[1] / "README.md"

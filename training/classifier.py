@@ -1,4 +1,4 @@
-"""Train the CIFAR-10 classifier behind `ddpm-engine score` (engine.classifier.ResNet9) on an image folder.
+"""Train the CIFAR-10 classifier behind `ddpm-engine score` (engine.evaluation.classifier.ResNet9) on an image folder.
 
     python -m training.classifier --data-dir runs/data/cifar10-jpeg --out engine/weights/cifar10-classifier.safetensors
 
@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from engine.apps.clitools import int_range, positive_float, reported
 from engine.backends import native_cpu_bf16
-from engine.classifier import ResNet9, predict, save_classifier
-from engine.clitools import int_range, positive_float, reported
-from engine.datasets import DataError
+from engine.evaluation.classifier import ResNet9, predict, save_classifier
+from engine.evaluation.datasets import DataError
 from training.data import load_folder
 
 PROG = "python -m training.classifier"

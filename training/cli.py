@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from engine.clitools import Parser, reported
+from engine.apps.clitools import Parser, reported
 from engine.errors import ConfigError
 from training.config import CHOICES, DEFAULT_EPOCHS, FIELD_RANGES, KEPT_ON_RESUME, TrainConfig, saved_config
 from training.prepare import OtherRankFailed

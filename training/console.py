@@ -1,7 +1,7 @@
 """The `ddpm-train` console script: training.cli's main(), with Ctrl-C during start-up handled
-(engine.clitools.console_main)."""
+(engine.apps.clitools.console_main)."""
 
-from engine.clitools import console_main
+from engine.apps.clitools import console_main
 
 
 def main() -> int:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from engine.config import CIFAR10_CLASSES, STL10_CLASSES
-from engine.datasets import IMAGE_SUFFIXES, DataError, read_cifar_labelled, read_rgb
+from engine.evaluation.datasets import IMAGE_SUFFIXES, DataError, read_cifar_labelled, read_rgb
 
 DATASETS = ("cifar10", "stl10", "folder", "synthetic")
 
@@ -93,7 +93,7 @@ def load_cifar10(data_dir: Path) -> Dataset:
 
     Reads `data_dir/cifar-10-batches-py/` if it was extracted, else the archive itself, after
     checking its published md5. Either way the batches (Python pickles) are read only through
-    engine.datasets' restricted unpickler, which builds plain dicts, lists, bytes and uint8
+    engine.evaluation.datasets' restricted unpickler, which builds plain dicts, lists, bytes and uint8
     arrays and refuses anything else, so a crafted file cannot run code.
     """
     extracted = data_dir / "cifar-10-batches-py"
@@ -224,7 +224,7 @@ def load_folder(root: Path, image_size: int) -> Dataset:
 
 
 def _read_image(path: Path, size: int) -> np.ndarray:
-    """3 x size x size uint8; engine.datasets.read_rgb refuses bombs and scales 16-bit images to 8 bits."""
+    """3 x size x size uint8; engine.evaluation.datasets.read_rgb refuses bombs and scales 16-bit images to 8 bits."""
     img = read_rgb(path, str(path))
     if img.size != (size, size):
         img = img.resize((size, size), Image.BICUBIC, reducing_gap=None)

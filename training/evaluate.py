@@ -7,13 +7,13 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from engine import fid
 from engine.backends import build_engine
-from engine.checkpoint import Checkpoint, atomic_write
 from engine.config import DiffusionConfig, ModelConfig
 from engine.core import Engine
+from engine.evaluation import fid
+from engine.formats.checkpoint import Checkpoint, atomic_write
+from engine.formats.images import class_rows, grid
 from engine.generate import generate
-from engine.images import class_rows, grid
 from engine.model import UNet
 from engine.sampler import SampleSettings
 from training.config import TrainConfig

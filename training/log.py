@@ -11,8 +11,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from engine.checkpoint import atomic_write
 from engine.distributed import World
+from engine.formats.checkpoint import atomic_write
 
 LOG_COLUMNS = ("step", "epoch", "lr", "loss", "grad_norm", "ema_decay", "images_per_s", "fid")
 

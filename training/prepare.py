@@ -12,12 +12,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from engine import fid
-from engine.checkpoint import expected_shapes, load_checkpoint
 from engine.config import ModelConfig
 from engine.distributed import World
 from engine.errors import ConfigError
-from engine.images import check_writable
+from engine.evaluation import fid
+from engine.formats.checkpoint import expected_shapes, load_checkpoint
+from engine.formats.images import check_writable
 from engine.model import UNet
 from training.config import HYPERPARAMETERS, TrainConfig, check_config, resolve, with_defaults
 from training.data import Dataset, load_dataset

@@ -20,8 +20,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from engine.checkpoint import CheckpointError, atomic_write, safetensors_header
 from engine.errors import UserError
+from engine.formats.checkpoint import CheckpointError, atomic_write, safetensors_header
 
 FORMAT = "ddpm-train-state/1"
 STATE_FILE = "state.safetensors"

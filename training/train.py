@@ -21,10 +21,10 @@ from torch import nn
 
 from engine import distributed
 from engine.backends import native_cpu_bf16
-from engine.checkpoint import save_checkpoint
 from engine.config import DiffusionConfig
 from engine.diffusion import alpha_bar as make_alpha_bar
 from engine.distributed import World
+from engine.formats.checkpoint import save_checkpoint
 from engine.model import UNet
 from training.config import TrainConfig
 from training.evaluate import evaluate_fid, grid_is_cheap, save_samples

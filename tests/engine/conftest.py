@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from engine.checkpoint import save_checkpoint
 from engine.config import CIFAR10_CLASSES, PRESETS, DiffusionConfig
+from engine.formats.checkpoint import save_checkpoint
 from engine.model import UNet
 
 

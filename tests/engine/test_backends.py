@@ -6,16 +6,10 @@ import pytest
 import torch
 
 from engine import backends
-from engine.backends import (
-    BackendError,
-    EagerModel,
-    build_engine,
-    interpreter_on,
-    resolve_backend,
-)
-from engine.checkpoint import load_checkpoint, save_checkpoint
-from engine.cli import main
+from engine.apps.cli import main
+from engine.backends import BackendError, EagerModel, build_engine, interpreter_on, resolve_backend
 from engine.config import PRESETS
+from engine.formats.checkpoint import load_checkpoint, save_checkpoint
 from engine.model import UNet
 
 
@@ -64,7 +58,7 @@ def test_fused_backend_in_the_interpreter(checkpoint, eager_images, tmp_path, ca
 
 def test_exported_onnx_checkpoint_samples_like_eager(checkpoint, eager_images, tmp_path):
     pytest.importorskip("onnxruntime")
-    from engine.runtimes.onnx_export import export_onnx
+    from engine.formats.onnx_export import export_onnx
 
     onnx_path = tmp_path / "tiny.onnx"
     export_onnx(load_checkpoint(checkpoint), onnx_path)
@@ -105,8 +99,8 @@ def test_cuda_without_a_gpu_is_one_line(checkpoint, tmp_path, capsys, monkeypatc
 
 def test_an_onnx_checkpoint_only_runs_on_onnx(checkpoint, tmp_path):
     pytest.importorskip("onnxruntime")
-    from engine.runtimes.onnx import load_onnx
-    from engine.runtimes.onnx_export import export_onnx
+    from engine.formats.onnx import load_onnx
+    from engine.formats.onnx_export import export_onnx
 
     path = tmp_path / "m.onnx"
     export_onnx(load_checkpoint(checkpoint), path)
@@ -156,7 +150,7 @@ def test_onnx_graphs_are_cached_by_content(checkpoint, tmp_path, monkeypatch, ca
     graph (export is not called again) and auto picks it even for a short run; other weights
     get their own entry."""
     pytest.importorskip("onnxruntime")
-    from engine.runtimes import onnx_export
+    from engine.formats import onnx_export
 
     monkeypatch.setenv("DDPM_ENGINE_CACHE", str(tmp_path / "cache"))
     exports = []
@@ -180,7 +174,7 @@ def test_onnx_graphs_are_cached_by_content(checkpoint, tmp_path, monkeypatch, ca
 
 def test_a_damaged_cache_entry_is_exported_again(checkpoint, tmp_path, monkeypatch):
     pytest.importorskip("onnxruntime")
-    from engine.runtimes import onnx_export
+    from engine.formats import onnx_export
 
     monkeypatch.setenv("DDPM_ENGINE_CACHE", str(tmp_path / "cache"))
     path = onnx_export.cached_onnx(load_checkpoint(checkpoint))

@@ -4,9 +4,9 @@ cancelled rows leave at the next step; failures end only the requests they touch
 import pytest
 import torch
 
-from engine.checkpoint import Checkpoint
 from engine.config import DiffusionConfig, ModelConfig
 from engine.core import Engine, EngineClosed, NonFiniteImages, Request
+from engine.formats.checkpoint import Checkpoint
 from engine.model import UNet
 from engine.noise import INITIAL_STREAM, gaussian_noise, image_keys
 from engine.sampler import SampleSettings, step
@@ -94,8 +94,8 @@ def test_an_image_is_the_same_alone_and_mixed_with_other_requests(model):
 
 def test_mixed_batches_through_onnx_runtime(model, tmp_path):
     pytest.importorskip("onnxruntime")
-    from engine.runtimes.onnx import load_onnx
-    from engine.runtimes.onnx_export import export_onnx
+    from engine.formats.onnx import load_onnx
+    from engine.formats.onnx_export import export_onnx
 
     export_onnx(Checkpoint(model, DIFFUSION, tuple(f"c{k}" for k in range(10))), tmp_path / "m.onnx")
     onnx_model = load_onnx(tmp_path / "m.onnx").model

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from engine.checkpoint import save_checkpoint
-from engine.cli import main
+from engine.apps.cli import main
 from engine.config import CIFAR10_CLASSES, DiffusionConfig, ModelConfig
+from engine.formats.checkpoint import save_checkpoint
 from engine.model import UNet
 
 SMALL = ModelConfig(image_size=16, ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), num_groups=8,
@@ -29,7 +29,7 @@ def test_two_processes_write_the_single_process_images(tmp_path):
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                             "-m", "engine.cli", *args, "--out", str(tmp_path / "multi")],
+                             "-m", "engine.apps.cli", *args, "--out", str(tmp_path / "multi")],
                             capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("wrote 7 images") == 1 and "2 processes" in result.stdout  # rank 0 alone writes

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from engine.backends import build_engine
-from engine.checkpoint import Checkpoint
 from engine.config import PRESETS, DiffusionConfig
+from engine.formats.checkpoint import Checkpoint
 from engine.generate import INTERPOLATION, generate, interpolate, labels_for, slerp
 from engine.model import UNet
 from engine.sampler import SampleSettings

@@ -2,8 +2,8 @@
 
 import pytest
 
-from engine.checkpoint import load_checkpoint
-from engine.runtimes.onnx_export import export_onnx
+from engine.formats.checkpoint import load_checkpoint
+from engine.formats.onnx_export import export_onnx
 from export.cli import main as export_main
 
 

@@ -10,11 +10,11 @@ import torch
 from onnx import TensorProto, helper, shape_inference
 
 from engine.backends import build_engine
-from engine.checkpoint import Checkpoint, CheckpointError, save_checkpoint
+from engine.formats import onnx_export
+from engine.formats.checkpoint import Checkpoint, CheckpointError, save_checkpoint
+from engine.formats.onnx import load_onnx
+from engine.formats.onnx_export import export_module, random_inputs, relative_error
 from engine.generate import generate
-from engine.runtimes import onnx_export
-from engine.runtimes.onnx import load_onnx
-from engine.runtimes.onnx_export import export_module, random_inputs, relative_error
 from engine.sampler import SampleSettings
 from export.cli import main as export_main
 

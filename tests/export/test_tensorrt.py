@@ -9,10 +9,10 @@ import types
 import pytest
 import torch
 
-from engine.checkpoint import CheckpointError
-from engine.runtimes import tensorrt as trt_runtime
-from engine.runtimes.onnx_export import random_inputs, relative_error
-from engine.runtimes.tensorrt import TensorRTUnavailable, load_plan, read_plan, require_tensorrt
+from engine.formats import tensorrt as trt_runtime
+from engine.formats.checkpoint import CheckpointError
+from engine.formats.onnx_export import random_inputs, relative_error
+from engine.formats.tensorrt import TensorRTUnavailable, load_plan, read_plan, require_tensorrt
 from export.cli import main as export_main
 from export.tensorrt import build_plan, write_plan
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.checkpoint import save_checkpoint
 from engine.config import PRESETS, DiffusionConfig
+from engine.formats.checkpoint import save_checkpoint
 from engine.model import UNet
 from tests.fuzz.crafted import NAMES
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine.checkpoint import expected_shapes
-from engine.cli import main as engine_main
+from engine.apps.cli import main as engine_main
 from engine.config import PRESETS
+from engine.formats.checkpoint import expected_shapes
 from export.cli import main as export_main
 from tests.fuzz.crafted import checkpoint_claiming, metadata, onnx_model, plan, safetensors
 

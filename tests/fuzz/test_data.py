@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine import cli as engine_cli
-from engine import fid
+from engine.apps import cli as engine_cli
+from engine.evaluation import fid
 from tests.fuzz.crafted import npz_claiming
 from tests.training.formats import crafted_cifar10, png, write_cifar10
 from training import data

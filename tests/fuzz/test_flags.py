@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine.cli import main as engine_main
+from engine.apps.cli import main as engine_main
 from export.cli import main as export_main
 from training.cli import main as train_main
 

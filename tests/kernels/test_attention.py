@@ -14,7 +14,6 @@ pytest.importorskip("triton")
 from kernels import attention  # noqa: E402
 from tests.kernels.common import DEVICE  # noqa: E402
 
-
 # fp16/bf16 also round the softmax weights to the input dtype before the p @ v product.
 TOLERANCE = {
     torch.float32: dict(atol=2e-5, rtol=1e-4),

@@ -13,7 +13,6 @@ from kernels import group_norm  # noqa: E402
 from kernels.group_norm import default_split  # noqa: E402
 from tests.kernels.common import DEVICE  # noqa: E402
 
-
 # Output rounding dominates: about one unit in the last place of each dtype.
 TOLERANCE = {
     torch.float32: dict(atol=1e-5, rtol=1e-5),

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from engine.config import CIFAR10_CLASSES, STL10_CLASSES
-from engine.datasets import DataError
+from engine.evaluation.datasets import DataError
 from tests.training.formats import crafted_cifar10, png, write_cifar10, write_stl10
 from training import data
 from training.data import Archive, load_dataset, make_synthetic, resize

@@ -14,9 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine import fid
-from engine.checkpoint import load_checkpoint
-from engine.cli import main as engine_main
+from engine.apps.cli import main as engine_main
+from engine.evaluation import fid
+from engine.formats.checkpoint import load_checkpoint
 from training.cli import main as train_main
 from training.config import TrainConfig
 from training.data import make_synthetic

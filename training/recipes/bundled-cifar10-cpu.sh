@@ -46,7 +46,7 @@ import sys
 
 import torch
 
-from engine.checkpoint import load_checkpoint, save_checkpoint
+from engine.formats.checkpoint import load_checkpoint, save_checkpoint
 
 ckpt = load_checkpoint(sys.argv[1])
 save_checkpoint(sys.argv[2], ckpt.model, ckpt.diffusion, ckpt.class_names, dtype=torch.float16)
@@ -66,7 +66,7 @@ if [ ! -d runs/data/cifar10-jpeg/train ]; then
 fi
 fid=(--fid-every 0)  # none, also in a resumed run that had them
 if [ "$FID_EVERY" != 0 ]; then
-    [ -f "$FID_REF" ] || python -m engine.cli fid-ref runs/data/cifar10-jpeg/test --out "$FID_REF" --no-progress
+    [ -f "$FID_REF" ] || python -m engine.apps.cli fid-ref runs/data/cifar10-jpeg/test --out "$FID_REF" --no-progress
     fid=(--fid-every "$FID_EVERY" --fid-samples 2000 --fid-ref "$FID_REF")
 fi
 

@@ -59,7 +59,7 @@ import sys
 
 import torch
 
-from engine.checkpoint import load_checkpoint, save_checkpoint
+from engine.formats.checkpoint import load_checkpoint, save_checkpoint
 
 ckpt = load_checkpoint(sys.argv[1])
 save_checkpoint(sys.argv[2], ckpt.model, ckpt.diffusion, ckpt.class_names, dtype=torch.float16)

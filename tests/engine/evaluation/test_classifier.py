@@ -9,10 +9,17 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.checkpoint import save_checkpoint
-from engine.classifier import ClassifierError, ResNet9, load_classifier, predict, recognition, save_classifier
-from engine.cli import main
+from engine.apps.cli import main
 from engine.config import CIFAR10_CLASSES, PRESETS, DiffusionConfig
+from engine.evaluation.classifier import (
+    ClassifierError,
+    ResNet9,
+    load_classifier,
+    predict,
+    recognition,
+    save_classifier,
+)
+from engine.formats.checkpoint import save_checkpoint
 from engine.model import UNet
 from training.classifier import augment, learning_rate
 from training.classifier import main as train_main

@@ -1,8 +1,8 @@
 """Run an exported `.onnx` file as the engine's epsilon model, through ONNX Runtime.
 
-`load_onnx(path, device)` returns the same `Checkpoint` as `engine.checkpoint.load_checkpoint`,
+`load_onnx(path, device)` returns the same `Checkpoint` as `engine.formats.checkpoint.load_checkpoint`,
 with a callable eps(x, t, y) in place of the U-Net (and runtime "onnx"), so the engine's
-samplers run unchanged. engine/runtimes/onnx_export.py writes the file and verifies it through
+samplers run unchanged. engine/formats/onnx_export.py writes the file and verifies it through
 `open_session`.
 On a CUDA device with onnxruntime-gpu installed the CUDA provider runs the graph with I/O
 bound to the torch tensors (no host copies, on torch's current stream); otherwise the CPU
@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.checkpoint import FORMAT, Checkpoint, CheckpointError, configs_from_metadata
 from engine.config import DiffusionConfig, ModelConfig
+from engine.formats.checkpoint import FORMAT, Checkpoint, CheckpointError, configs_from_metadata
 
 INPUT_NAMES = ("x", "t", "class")
 OUTPUT_NAME = "eps"

@@ -5,9 +5,9 @@ import tracemalloc
 
 import numpy as np
 
-import engine.cli
-from engine.cli import main
-from engine.images import SampleRun
+import engine.apps.cli
+from engine.apps.cli import main
+from engine.formats.images import SampleRun
 
 
 def sample(checkpoint, out, *extra):
@@ -16,12 +16,12 @@ def sample(checkpoint, out, *extra):
 
 
 def test_an_interrupted_run_continues_where_it_stopped(checkpoint, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(engine.cli, "SHARD_IMAGES", 2)  # shards [0, 2), [2, 4), [4, 5)
+    monkeypatch.setattr(engine.apps.cli, "SHARD_IMAGES", 2)  # shards [0, 2), [2, 4), [4, 5)
     assert sample(checkpoint, tmp_path / "straight") == 0
     expected = np.load(tmp_path / "straight" / "samples.npz")
 
     calls = []
-    real = engine.cli.generate
+    real = engine.apps.cli.generate
 
     def interrupted_in_the_second_shard(eng, settings, indices, *args, **kwargs):
         calls.append(indices.tolist())
@@ -29,7 +29,7 @@ def test_an_interrupted_run_continues_where_it_stopped(checkpoint, tmp_path, mon
             raise KeyboardInterrupt
         return real(eng, settings, indices, *args, **kwargs)
 
-    monkeypatch.setattr(engine.cli, "generate", interrupted_in_the_second_shard)
+    monkeypatch.setattr(engine.apps.cli, "generate", interrupted_in_the_second_shard)
     out = tmp_path / "out"
     assert sample(checkpoint, out) == 130
     assert "same command continues" in capsys.readouterr().err
@@ -42,7 +42,7 @@ def test_an_interrupted_run_continues_where_it_stopped(checkpoint, tmp_path, mon
         calls.append(indices.tolist())
         return real(eng, settings, indices, *args, **kwargs)
 
-    monkeypatch.setattr(engine.cli, "generate", counted)
+    monkeypatch.setattr(engine.apps.cli, "generate", counted)
     assert sample(checkpoint, out) == 0
     assert calls == [[2, 3], [4]]  # the first shard was not sampled again
     assert "continued a run that had 2" in capsys.readouterr().out
@@ -53,17 +53,17 @@ def test_an_interrupted_run_continues_where_it_stopped(checkpoint, tmp_path, mon
 
 
 def test_leftovers_of_another_run_are_refused(checkpoint, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(engine.cli, "SHARD_IMAGES", 2)
-    real = engine.cli.generate
+    monkeypatch.setattr(engine.apps.cli, "SHARD_IMAGES", 2)
+    real = engine.apps.cli.generate
 
     def interrupt_late(eng, settings, indices, *args, **kwargs):
         if int(indices[0]) == 4:
             raise KeyboardInterrupt
         return real(eng, settings, indices, *args, **kwargs)
 
-    monkeypatch.setattr(engine.cli, "generate", interrupt_late)
+    monkeypatch.setattr(engine.apps.cli, "generate", interrupt_late)
     assert sample(checkpoint, tmp_path / "out") == 130
-    monkeypatch.setattr(engine.cli, "generate", real)
+    monkeypatch.setattr(engine.apps.cli, "generate", real)
     capsys.readouterr()
     assert sample(checkpoint, tmp_path / "out", "--seed", 1) == 1  # another seed: other images
     err = capsys.readouterr().err

@@ -1,7 +1,7 @@
 """diffusers UNet2DModel folders <-> our checkpoints, with diffusers itself as the oracle.
 
 Random-weight diffusers models (GroupNorm affine parameters randomised too, so a swapped norm
-shows) are written with save_pretrained, converted by engine.diffusers_format, and run through
+shows) are written with save_pretrained, converted by engine.formats.diffusers_format, and run through
 our U-Net, our samplers and our backends; diffusers' own forward and DDIMScheduler give the
 expected outputs. Small widths keep it fast; the block structure is that of the real configs.
 """
@@ -20,12 +20,19 @@ from safetensors.torch import load_file, save_file
 
 diffusers = pytest.importorskip("diffusers", reason="the diffusers parity tests need diffusers (the `test` extra)")
 
+from engine.apps.cli import main
 from engine.backends import build_engine
-from engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from engine.cli import main, open_checkpoint
 from engine.config import PRESETS, DiffusionConfig
-from engine.diffusers_format import SCHEDULER_DEFAULTS, UNET_DEFAULTS, load_diffusers, model_config, save_diffusers
 from engine.diffusion import make_betas
+from engine.formats.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from engine.formats.diffusers_format import (
+    SCHEDULER_DEFAULTS,
+    UNET_DEFAULTS,
+    load_diffusers,
+    model_config,
+    save_diffusers,
+)
+from engine.formats.opener import open_checkpoint
 from engine.generate import sample_tensor
 from engine.model import UNet, count_parameters
 from engine.noise import image_keys
@@ -267,8 +274,8 @@ def test_ddim_trajectory_matches_diffusers(tmp_path, T, steps, spacing):
 
 def test_onnx_export_of_an_imported_model_matches_diffusers(tmp_path):
     pytest.importorskip("onnxruntime")
-    from engine.runtimes.onnx import load_onnx
-    from engine.runtimes.onnx_export import export_onnx
+    from engine.formats.onnx import load_onnx
+    from engine.formats.onnx_export import export_onnx
 
     config = CONFIGS["ddpm-cifar10"]
     net = diffusers_folder(config, tmp_path / "hf")
@@ -375,7 +382,7 @@ class Missing:
 sys.meta_path.insert(0, Missing())
 for name in [m for m in sys.modules if m.split(".")[0] in ("diffusers", "huggingface_hub")]:
     del sys.modules[name]
-from engine.cli import main
+from engine.apps.cli import main
 
 folder = sys.argv[1]
 assert main(["convert", "--from-diffusers", folder + "/hf", "--out", folder + "/m.safetensors"]) == 0
@@ -387,7 +394,7 @@ print("converted without diffusers")
 def test_conversion_needs_no_diffusers(tmp_path):
     """diffusers is a test-only dependency: the converter reads and writes the files itself."""
     diffusers_folder(CONFIGS["class-conditional"], tmp_path / "hf", DDPM_SCHEDULER)
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[3]
     result = subprocess.run([sys.executable, "-c", BLOCKED, str(tmp_path)], cwd=root, capture_output=True, text=True,
                             check=False,
                             env={**os.environ, "PYTHONPATH": str(root)})

@@ -1,7 +1,7 @@
 """Export the U-Net epsilon model to ONNX, then verify the file against PyTorch.
 
 `ddpm-export` writes these files for deployment; `--backend onnx` (engine.backends) makes one
-for a .safetensors checkpoint on the fly, then runs it through engine/runtimes/onnx.py.
+for a .safetensors checkpoint on the fly, then runs it through engine/formats/onnx.py.
 
 The graph has inputs x (float32, B x C x H x W), t (int64, B) and class (int64, B) and
 one output eps (float32, B x C x H x W), with the batch dimension B dynamic (the sampler
@@ -40,10 +40,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from engine.checkpoint import Checkpoint, atomic_write, checkpoint_metadata
 from engine.errors import UserError
+from engine.formats.checkpoint import Checkpoint, atomic_write, checkpoint_metadata
+from engine.formats.onnx import INPUT_NAMES, OUTPUT_NAME, open_session
 from engine.model import AttnBlock, GroupNorm32, UNet, keep_float32_islands, swap_modules
-from engine.runtimes.onnx import INPUT_NAMES, OUTPUT_NAME, open_session
 
 # Opset 17: before GroupNormalization (18/21) and the ReduceMean axes-as-input change (18);
 # accepted by ONNX Runtime >= 1.12 and TensorRT 8.6 and 10.

@@ -21,11 +21,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from engine.checkpoint import atomic_write, safetensors_header
 from engine.errors import UserError
+from engine.formats.checkpoint import atomic_write, safetensors_header
 
 FORMAT = "ddpm-engine-classifier/1"
-BUNDLED_CLASSIFIER = Path(__file__).parent / "weights" / "cifar10-classifier.safetensors"
+BUNDLED_CLASSIFIER = Path(__file__).parents[1] / "weights" / "cifar10-classifier.safetensors"
 # Per-channel statistics of the CIFAR-10 training images (0..1 scale); inputs are standardised with them.
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)

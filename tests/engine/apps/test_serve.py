@@ -25,9 +25,9 @@ from PIL import Image
 pytest.importorskip("starlette", reason="the serve extra (pip install -e '.[serve]')")
 pytest.importorskip("uvicorn", reason="the serve extra (pip install -e '.[serve]')")
 
-from engine.checkpoint import save_checkpoint  # noqa: E402
-from engine.cli import build_parser, main  # noqa: E402
+from engine.apps.cli import build_parser, main  # noqa: E402
 from engine.config import PRESETS, DiffusionConfig  # noqa: E402
+from engine.formats.checkpoint import save_checkpoint  # noqa: E402
 from engine.model import UNet  # noqa: E402
 
 CLASSES = tuple(f"shape{k}" for k in range(10))
@@ -58,7 +58,7 @@ class Server:
         self.port, self.folder = free_port(), folder
         self.stdout, self.stderr = open(folder / "stdout.txt", "w"), open(folder / "stderr.txt", "w")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "engine.cli", "serve", "--checkpoint", str(checkpoint), "--device", "cpu",
+            [sys.executable, "-m", "engine.apps.cli", "serve", "--checkpoint", str(checkpoint), "--device", "cpu",
              "--backend", "eager", "--port", str(self.port), "--grace", "20", *flags],
             stdout=self.stdout, stderr=self.stderr, env={**os.environ, "OMP_NUM_THREADS": "1"})
         deadline = time.monotonic() + START_S

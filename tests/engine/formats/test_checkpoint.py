@@ -5,8 +5,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from engine.checkpoint import CheckpointError, expected_shapes, load_checkpoint, read_metadata, save_checkpoint
 from engine.config import PRESETS, DiffusionConfig
+from engine.formats.checkpoint import CheckpointError, expected_shapes, load_checkpoint, read_metadata, save_checkpoint
 from engine.model import UNet
 
 NAMES = tuple(f"class{i}" for i in range(10))
@@ -105,7 +105,7 @@ def test_save_is_atomic(tmp_path, tiny, monkeypatch):
     def crash(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr("engine.checkpoint.save_file", crash)
+    monkeypatch.setattr("engine.formats.checkpoint.save_file", crash)
     with pytest.raises(RuntimeError):
         save_checkpoint(path, model, DiffusionConfig(), NAMES)
     assert path.read_bytes() == before
@@ -164,8 +164,8 @@ def test_header_tensors_are_checked_against_the_config_before_anything_is_built(
         raise AssertionError("the model was built before the header was checked")
 
     # The real shapes, without a model: any UNet built while the header is bad fails the test.
-    monkeypatch.setattr("engine.checkpoint.UNet.__init__", built)
-    monkeypatch.setattr("engine.checkpoint.expected_shapes", lambda config: {k: tuple(v) for k, v in shapes.items()})
+    monkeypatch.setattr("engine.formats.checkpoint.UNet.__init__", built)
+    monkeypatch.setattr("engine.formats.checkpoint.expected_shapes", lambda config: {k: tuple(v) for k, v in shapes.items()})
     bad = tmp_path / "bad.safetensors"
     for changes, message in [
         ({"conv_in.weight": {"shape": [32, 3, 5, 5]}}, "1 wrong-shape \\(e.g. conv_in.weight\\)"),

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from engine.checkpoint import Checkpoint, CheckpointError, json_header
 from engine.config import ModelConfig
 from engine.errors import UserError
-from engine.runtimes.onnx import INPUT_NAMES, OUTPUT_NAME, parse_metadata
+from engine.formats.checkpoint import Checkpoint, CheckpointError, json_header
+from engine.formats.onnx import INPUT_NAMES, OUTPUT_NAME, parse_metadata
 
 # One optimisation profile per bucket: profile k serves batches (bucket[k-1], bucket[k]] and
 # is tuned for its largest batch. 512 = the sampler's default batch of 256 doubled by guidance;

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Iterator
 from engine.errors import UserError
 
 if TYPE_CHECKING:
-    from engine.checkpoint import Checkpoint
     from engine.config import ModelConfig
+    from engine.formats.checkpoint import Checkpoint
 
 MAX_GUIDANCE = 100.0  # far past any useful scale (papers use up to ~10); beyond it images saturate to garbage
 MAX_MESSAGE = 300  # characters of an error line: a message never echoes a whole file or flag back

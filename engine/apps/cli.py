@@ -4,7 +4,6 @@ benchmark the backends, or score samples with FID and IS, or by how many a class
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -16,11 +15,8 @@ import numpy as np
 import torch
 
 from engine import backends, distributed
-from engine.backends import BACKENDS, PRECISIONS, build_engine
-from engine.bench import BENCH_BACKENDS, bench, format_header
-from engine.checkpoint import Checkpoint, atomic_write, load_checkpoint, meta_unet, save_checkpoint
-from engine.classifier import BUNDLED_CLASSIFIER, load_classifier, recognition
-from engine.clitools import (
+from engine.apps.bench import bench, format_header
+from engine.apps.clitools import (
     MAX_GUIDANCE,
     Parser,
     UsageError,
@@ -32,11 +28,12 @@ from engine.clitools import (
     resolve_guidance,
     unit_float,
 )
+from engine.backends import BACKENDS, PRECISIONS, build_engine
 from engine.config import PRESETS
-from engine.datasets import SPLITS, ImageSource, open_images
-from engine.diffusers_format import load_diffusers, sampling_hint, save_diffusers
-from engine.fid import BACKENDS as FID_BACKENDS
-from engine.fid import (
+from engine.evaluation.classifier import BUNDLED_CLASSIFIER, load_classifier, recognition
+from engine.evaluation.datasets import SPLITS, ImageSource, open_images
+from engine.evaluation.fid import BACKENDS as FID_BACKENDS
+from engine.evaluation.fid import (
     NO_CLASSIFIER,
     PREPROCESSING,
     InceptionNetwork,
@@ -47,15 +44,18 @@ from engine.fid import (
     load_stats,
     save_stats,
 )
+from engine.formats.checkpoint import Checkpoint, atomic_write, meta_unet, save_checkpoint
+from engine.formats.diffusers_format import load_diffusers, sampling_hint, save_diffusers
+from engine.formats.images import SampleRun, check_writable, grid, save_png, staged_output
+from engine.formats.opener import BUNDLED_CHECKPOINT, model_digest, open_checkpoint, open_model
 from engine.generate import INTERPOLATION, generate, image_progress, interpolate
-from engine.images import SampleRun, check_writable, grid, save_png, staged_output
 from engine.model import count_parameters
 from engine.noise import MASK32
 from engine.sampler import DDIM_STEPS, DPM_STEPS, SAMPLERS, SPACINGS, VARIANCES, SampleSettings
+from engine.timing import BENCH_BACKENDS
 
 SAMPLE = SampleSettings()  # the sample command's defaults
 
-BUNDLED_CHECKPOINT = Path(__file__).parent / "weights" / "cifar10.safetensors"
 
 EXAMPLES = """examples:
   ddpm-engine sample --checkpoint runs/tiny/model.safetensors -n 20 --out samples
@@ -70,7 +70,7 @@ EXAMPLES = """examples:
   ddpm-engine convert --from-diffusers ddpm-cifar10-32 --out ddpm-cifar10.safetensors
   ddpm-engine convert runs/tiny/model.safetensors --to-diffusers tiny-diffusers
   ddpm-engine sample -n 1000 --backend fused --device cuda     # fused U-Net + CUDA graphs, bf16
-  torchrun --nproc-per-node 8 -m engine.cli sample -n 100000  # one share of the images per GPU
+  torchrun --nproc-per-node 8 -m engine.apps.cli sample -n 100000  # one share of the images per GPU
   ddpm-engine bench --preset ddpm-cifar10 --batch-sizes 2,256,1024
   ddpm-engine fid-ref cifar10-jpeg.tar.gz --split test --out runs/fid/cifar10-jpeg-test.npz
   ddpm-engine fid samples/samples.npz --ref runs/fid/cifar10-jpeg-test.npz   # -> samples/fid.json
@@ -283,43 +283,8 @@ def backend_list(text: str) -> list[str]:
     return names
 
 
-def open_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
-    """A checkpoint of any kind: a folder is a diffusers UNet2DModel (engine.diffusers_format); a
-    file by its suffix: an exported .onnx file (ONNX Runtime), a .plan (TensorRT), else a .safetensors checkpoint."""
-    if Path(path).is_dir():
-        return load_diffusers(path, device)
-    match Path(path).suffix:
-        case ".onnx":
-            from engine.runtimes.onnx import load_onnx  # onnxruntime is an extra: imported when asked for
-            return load_onnx(path, device)
-        case ".plan":
-            from engine.runtimes.tensorrt import load_plan
-            return load_plan(path, device)
-    return load_checkpoint(path, device)
-
-
-def open_model(path: Path | None, device: torch.device) -> Checkpoint:
-    """--checkpoint of any kind (engine.checkpoint.open_checkpoint), or the bundled model."""
-    if path is None:
-        if not BUNDLED_CHECKPOINT.is_file():
-            raise UsageError("this install has no bundled model yet; pass --checkpoint PATH "
-                             "(the README's \"Train your own\" makes one in a few minutes)")
-        path = BUNDLED_CHECKPOINT
-    return open_checkpoint(path, device)
-
-
-def model_digest(path: Path) -> str:
-    """sha256 of a checkpoint file (or of every file of a checkpoint folder): what a run's images depend on."""
-    files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
-    digest = hashlib.sha256()
-    for file in files:
-        with open(file, "rb") as f:
-            digest.update(hashlib.file_digest(f, "sha256").digest())
-    return digest.hexdigest()
-
-
 def cmd_sample(args) -> None:
-    """Samples shard by shard into OUT.partial/ (engine.images.SampleRun), so memory stays flat in
+    """Samples shard by shard into OUT.partial/ (engine.formats.images.SampleRun), so memory stays flat in
     -n and an interrupted run continues where it stopped; under torchrun every rank samples every
     world-size-th shard, and rank 0 assembles the output."""
     check_writable(args.out)
@@ -389,7 +354,7 @@ def cmd_interpolate(args) -> None:
 
 def cmd_serve(args) -> None:
     try:
-        from engine.serve import ServeOptions, serve
+        from engine.apps.serve import ServeOptions, serve
     except ModuleNotFoundError as e:
         raise UsageError(f"ddpm-engine serve needs the serve extra ({e.name} is missing): "
                          f"pip install -e '.[serve]'") from None

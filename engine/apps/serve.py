@@ -49,17 +49,17 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from engine.checkpoint import Checkpoint
-from engine.clitools import MAX_GUIDANCE, model_classes, one_line, resolve_guidance
+from engine.apps.clitools import MAX_GUIDANCE, model_classes, one_line, resolve_guidance
 from engine.core import Engine, EngineClosed, NonFiniteImages, Request
 from engine.errors import UserError
+from engine.formats.checkpoint import Checkpoint
+from engine.formats.images import class_rows, grid
 from engine.generate import labels_for, to_uint8
-from engine.images import class_rows, grid
 from engine.noise import MASK32, image_keys
 from engine.sampler import SAMPLERS, SPACINGS, VARIANCES, SampleSettings
 
 SAMPLE = SampleSettings()  # the defaults, as `ddpm-engine sample` reads them
-log = logging.getLogger("ddpm-engine.serve")
+log = logging.getLogger("ddpm-engine.apps.serve")
 
 
 @dataclass(frozen=True)
@@ -306,7 +306,7 @@ class Api:
 
     def __init__(self, service: Service):
         self.service, self.ckpt, self.options, self.metrics = service, service.ckpt, service.options, service.metrics
-        self.page = resources.files("engine").joinpath("serve_page.html").read_text()
+        self.page = resources.files("engine.apps").joinpath("serve_page.html").read_text()
 
     async def images(self, http: HttpRequest) -> Response:
         """POST /v1/images: JSON, a PNG grid, or server-sent events, by the Accept header."""

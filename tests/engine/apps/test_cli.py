@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.checkpoint import load_checkpoint, save_checkpoint
-from engine.cli import main
+from engine.apps.cli import main
+from engine.formats.checkpoint import load_checkpoint, save_checkpoint
 from tests.engine.support import same_images
 
 
@@ -99,7 +99,7 @@ def test_missing_parent_folders_are_created(checkpoint, tmp_path):
 
 
 def test_failure_mid_run_leaves_no_partial_output(checkpoint, tmp_path, monkeypatch):
-    import engine.images
+    import engine.formats.images
 
     calls = []
 
@@ -109,20 +109,20 @@ def test_failure_mid_run_leaves_no_partial_output(checkpoint, tmp_path, monkeypa
             raise OSError("disk full")
         Image.fromarray(image).save(path)
 
-    monkeypatch.setattr(engine.images, "save_png", failing_save)
+    monkeypatch.setattr(engine.formats.images, "save_png", failing_save)
     assert sample(checkpoint, tmp_path / "new" / "out", "-n", 5) == 1
     assert os.listdir(tmp_path) == []
 
 
 def test_console_script_help_has_examples():
-    result = subprocess.run([sys.executable, "-m", "engine.cli", "sample", "--help"], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "engine.apps.cli", "sample", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "examples:" in result.stdout and "--guidance" in result.stdout
 
 
 def test_no_bundled_model_is_one_clear_line(tmp_path, capsys, monkeypatch):
-    import engine.cli
+    import engine.formats.opener
 
-    monkeypatch.setattr(engine.cli, "BUNDLED_CHECKPOINT", tmp_path / "absent.safetensors")
+    monkeypatch.setattr(engine.formats.opener, "BUNDLED_CHECKPOINT", tmp_path / "absent.safetensors")
     assert main(["sample", "--device", "cpu", "--out", str(tmp_path / "out"), "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert "no bundled model" in err and "--checkpoint" in err and len(err.strip().splitlines()) == 1
@@ -146,7 +146,7 @@ def test_non_finite_model_output_is_an_error_not_black_images(checkpoint, tmp_pa
 def test_ctrl_c_during_start_up_is_one_line(tmp_path, monkeypatch, capsys):
     """The console scripts import their command (torch and all) inside console_main, so Ctrl-C while
     that import runs is one line and exit 130, not Python's traceback."""
-    from engine.clitools import console_main
+    from engine.apps.clitools import console_main
 
     (tmp_path / "slow_start.py").write_text("raise KeyboardInterrupt  # Ctrl-C while importing\n")
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -160,13 +160,13 @@ def test_console_scripts_run_the_commands(monkeypatch):
 
     import tomllib
 
-    from engine import console
+    from engine.apps import console
 
-    pyproject = Path(__file__).parents[2] / "pyproject.toml"
+    pyproject = Path(__file__).parents[3] / "pyproject.toml"
     scripts = tomllib.loads(pyproject.read_text())["project"]["scripts"]
-    assert scripts == {"ddpm-train": "training.console:main", "ddpm-engine": "engine.console:main",
+    assert scripts == {"ddpm-train": "training.console:main", "ddpm-engine": "engine.apps.console:main",
                        "ddpm-export": "export.console:main"}
     monkeypatch.setattr(sys, "argv", ["ddpm-engine", "--help"])
-    with pytest.raises(SystemExit) as e:  # --help through the console entry: engine.cli's parser
+    with pytest.raises(SystemExit) as e:  # --help through the console entry: engine.apps.cli's parser
         console.main()
     assert e.value.code == 0

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.datasets import CIFAR10_FOLDER, DataError, open_images, read_cifar_batch, spread
+from engine.evaluation.datasets import CIFAR10_FOLDER, DataError, open_images, read_cifar_batch, spread
 from tests.training.formats import png
 
 
@@ -203,7 +203,7 @@ def test_decompression_bomb_is_refused_from_its_header(tmp_path, container):
 
 
 def test_restricted_unpickler_builds_only_numpys_empty_placeholder():
-    from engine.datasets import CifarUnpickler, _reconstruct
+    from engine.evaluation.datasets import CifarUnpickler, _reconstruct
     assert _reconstruct(np.ndarray, (0,), "b").shape == (0,)
     with pytest.raises(pickle.UnpicklingError):
         _reconstruct(np.ndarray, (10**12,), "b")  # would reserve a terabyte before any data was read

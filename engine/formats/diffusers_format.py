@@ -36,8 +36,15 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from engine.checkpoint import Checkpoint, CheckpointError, atomic_write, expected_shapes, meta_unet, unet_with_weights
 from engine.config import DiffusionConfig, ModelConfig
+from engine.formats.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    atomic_write,
+    expected_shapes,
+    meta_unet,
+    unet_with_weights,
+)
 from engine.model import AttnBlock, Downsample, ResBlock, UNet, Upsample
 from engine.sampler import SampleSettings
 

@@ -13,10 +13,20 @@ import numpy as np
 import pytest
 import torch
 
-from engine import fid
-from engine.cli import main
-from engine.fid import (FidError, Stats, feature_stats, frechet_distance, inception_score, load_network, load_stats,
-                        preprocess, save_stats, tf1_resize_matrix)
+from engine.apps.cli import main
+from engine.evaluation import fid
+from engine.evaluation.fid import (
+    FidError,
+    Stats,
+    feature_stats,
+    frechet_distance,
+    inception_score,
+    load_network,
+    load_stats,
+    preprocess,
+    save_stats,
+    tf1_resize_matrix,
+)
 
 HAS_SCIPY = importlib.util.find_spec("scipy") is not None
 HAS_NETWORK = fid.packaged_weights() is not None

@@ -32,9 +32,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from engine.checkpoint import atomic_write
-from engine.datasets import DataError, ImageSource, npz_header
 from engine.errors import UserError
+from engine.evaluation.datasets import DataError, ImageSource, npz_header
+from engine.formats.checkpoint import atomic_write
 
 INCEPTION_ENV = "DDPM_INCEPTION"
 PREPROCESSING = "tf1-legacy-bilinear-299"  # the name fid.json and the statistics carry
@@ -268,7 +268,7 @@ def feature_stats(network: InceptionNetwork, batches: Iterable[np.ndarray], tota
 
 
 def image_stats(network: InceptionNetwork, images: ImageSource, batch_size: int = 8, progress: bool = True) -> Stats:
-    """feature_stats of an engine.datasets source (a samples.npz, a folder, an archive)."""
+    """feature_stats of an engine.evaluation.datasets source (a samples.npz, a folder, an archive)."""
     return feature_stats(network, images.batches(batch_size), images.count, progress, images.name)
 
 

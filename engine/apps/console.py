@@ -1,0 +1,7 @@
+"""The `ddpm-engine` console script: engine.apps.cli's main(), with Ctrl-C during start-up handled (engine.apps.clitools.console_main)."""
+
+from engine.apps.clitools import console_main
+
+
+def main() -> int:
+    return console_main("ddpm-engine", "engine.apps.cli")

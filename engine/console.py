@@ -1,7 +1,0 @@
-"""The `ddpm-engine` console script: engine.cli's main(), with Ctrl-C during start-up handled (engine.clitools.console_main)."""
-
-from engine.clitools import console_main
-
-
-def main() -> int:
-    return console_main("ddpm-engine", "engine.cli")
