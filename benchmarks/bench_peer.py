@@ -39,7 +39,7 @@ from engine.formats.checkpoint import save_checkpoint
 from engine.formats.opener import BUNDLED_CHECKPOINT, open_model
 from engine.generate import generate
 from engine.model import UNet
-from engine.sampler import SampleSettings
+from engine.settings import SampleSettings
 from engine.timing import Timing
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers (test extra) is the peer")

@@ -26,7 +26,7 @@ from engine.formats.checkpoint import Checkpoint
 from engine.formats.opener import BUNDLED_CHECKPOINT
 from engine.generate import generate
 from engine.model import UNet
-from engine.sampler import SampleSettings
+from engine.settings import SampleSettings
 from engine.timing import BENCH_BACKENDS, flops_per_image, step_fn
 
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")

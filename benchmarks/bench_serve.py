@@ -42,7 +42,7 @@ from engine.formats.checkpoint import save_checkpoint
 from engine.formats.opener import BUNDLED_CHECKPOINT, open_checkpoint
 from engine.generate import generate
 from engine.model import UNet
-from engine.sampler import SampleSettings
+from engine.settings import SampleSettings
 from engine.timing import Timing
 
 pytest.importorskip("uvicorn", reason="the serve extra (pip install -e '.[serve]')")

@@ -43,7 +43,8 @@ from engine.config import DiffusionConfig
 from engine.errors import UserError
 from engine.graphs import StepGraphs, default_buckets
 from engine.noise import INITIAL_STREAM, gaussian_noise
-from engine.sampler import SamplerPlan, SampleSettings, step
+from engine.sampler import SamplerPlan, step
+from engine.settings import SampleSettings
 
 PLAN_CAPACITY = 1 << 14  # plan-table entries (sampling steps over all plans in use); compacted when full
 ADMISSIONS = ("step", "request")

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from engine.core import Engine, Request
 from engine.noise import INITIAL_STREAM, gaussian_noise, image_keys
-from engine.sampler import SampleSettings
+from engine.settings import SampleSettings
 
 # What `interpolate` decodes with: deterministic DDIM (a pair's rows must differ only by x_T),
 # purely conditional unless --guidance is given.

@@ -2,8 +2,8 @@
 and DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Algorithm 2), with classifier-free
 guidance (Ho & Salimans 2022) applied to eps before any of them sees it.
 
-`SampleSettings` names a sampler and its settings, and is the one home of their defaults
-(the command lines read theirs from it). All samplers are written as one update,
+`engine.settings.SampleSettings` names a sampler and its settings and builds its plan. All
+samplers are written as one update,
     x_{t_prev} = c_x0 * x0_hat + c_xt * x_t + c_eps * eps_hat + c_prev * x0_hat_prev + sigma * z,
 whose per-step coefficients are precomputed once (a `SamplerPlan`), so that a step reads no
 host value and branches on no tensor; x0_hat_prev (the previous step's x0_hat) is what makes
@@ -50,52 +50,6 @@ class SamplerPlan:
 SAMPLERS = ("ddpm", "ddim", "dpm++2m")
 SPACINGS = ("linspace-t0", "linspace", "leading", "trailing", "quadratic")
 VARIANCES = ("large", "small")
-DDIM_STEPS = 50  # DDIM's default number of steps; DDPM takes all T by default
-# DPM-Solver++(2M)'s: its paper's guided samples converge in 15-20 steps, and on the bundled model 15
-# steps scored the FID of 20 steps and of DDIM-50 within the noise of 2,000 samples (the README's
-# sampler table has the measurement).
-DPM_STEPS = 15
-# Dynamic thresholding's percentile (Imagen's 0.995), on by default: on the bundled model (27,500 steps;
-# 2,000 guided images, the default sampler, same seeds) it took the FID from 46.0 to 39.0 at w = 1.8 and
-# from 51.3 to 43.3 at w = 3 (the model card's table).
-THRESHOLD = 0.995
-
-
-@dataclass(frozen=True)
-class SampleSettings:
-    """A sampler and its settings. The defaults here are every tool's defaults."""
-
-    sampler: str = "dpm++2m"        # "ddpm" (ancestral), "ddim" or "dpm++2m" (the default: measured in the README)
-    steps: int | None = None        # None: all T steps for DDPM, DDIM_STEPS for DDIM, DPM_STEPS for DPM-Solver++
-    eta: float = 0.0                # DDIM only: 0 deterministic, 1 DDPM-like noise
-    variance: str = "large"         # DDPM only: "large" (sigma^2 = beta) or "small" (posterior)
-    spacing: str = "linspace-t0"    # which timesteps (see timestep_sequence and, for dpm++2m, solver_timesteps)
-    guidance: float = 1.8           # w in (1 + w) eps(x, c) - w eps(x, null); 0: purely conditional
-    clip_x0: bool = False           # clip the predicted x_0 to [-1, 1] at each step
-    threshold: float = THRESHOLD    # dynamic thresholding's percentile p of |x_0| (bound_x0); 0: off
-
-    def num_steps(self, num_timesteps: int) -> int:
-        """The steps this sampler takes on a model with T = num_timesteps."""
-        default = {"ddpm": num_timesteps, "dpm++2m": DPM_STEPS}.get(self.sampler, DDIM_STEPS)
-        steps = self.steps or default
-        if self.steps is not None and self.steps > num_timesteps:
-            raise ConfigError(f"--steps {self.steps} exceeds the model's T = {num_timesteps}")
-        return min(steps, num_timesteps)
-
-    def plan(self, diffusion: DiffusionConfig, device: torch.device | str = "cpu") -> "SamplerPlan":
-        steps = self.num_steps(diffusion.num_timesteps)
-        match self.sampler:
-            case "ddpm":
-                plan = ddpm_plan(diffusion, steps, self.variance, self.spacing)
-            case "ddim":
-                plan = ddim_plan(diffusion, steps, self.eta, self.spacing)
-            case "dpm++2m":
-                plan = dpm_solver_plan(diffusion, steps, self.spacing)
-            case _:
-                raise ConfigError(f"unknown sampler {self.sampler!r}; use {' or '.join(SAMPLERS)}")
-        return plan.to(device)
-
-
 def timestep_sequence(num_timesteps: int, steps: int, spacing: str = "linspace") -> torch.Tensor:
     """S increasing timesteps in [0, T - 1] where the model is evaluated; named as in diffusers'
     DDPMScheduler and DDIMScheduler (DPM-Solver++ takes its scheduler's grids: solver_timesteps).
@@ -113,7 +67,7 @@ def timestep_sequence(num_timesteps: int, steps: int, spacing: str = "linspace")
     if not 1 <= steps <= num_timesteps:
         raise ConfigError(f"steps must be in [1, {num_timesteps}], got {steps}")
     T = num_timesteps
-    match "linspace" if spacing == "uniform" else spacing:  # "uniform": this spacing's name before 2026-11
+    match spacing:
         case "linspace" | "linspace-t0":
             seq = torch.linspace(0, T - 1, steps, dtype=torch.float64).round().long()
             if steps == 1:
@@ -137,7 +91,8 @@ def solver_timesteps(num_timesteps: int, steps: int, spacing: str = "linspace") 
     DPMSolverMultistepScheduler (which then steps from the smallest to the clean image): its
     linspace and leading take S + 1 points and drop t = 0, so no model evaluation is spent at t = 0
     (unlike DDIM's grids of the same names, timestep_sequence); linspace-t0 (DDIM's linspace, the
-    default: FID 47.0 against linspace's 71.5 on the bundled model), trailing and quadratic are shared.
+    default: it scored the better FID on the bundled model, docs/sampling.md), trailing and quadratic
+    are shared.
 
     linspace   round(linspace(0, T - 1, S + 1))[1:]
     leading    k (T // (S + 1)) for k = 1..S
@@ -145,7 +100,7 @@ def solver_timesteps(num_timesteps: int, steps: int, spacing: str = "linspace") 
     T = num_timesteps
     if not 1 <= steps <= T:
         raise ConfigError(f"steps must be in [1, {T}], got {steps}")
-    match "linspace" if spacing == "uniform" else spacing:
+    match spacing:
         case "linspace":
             seq = torch.linspace(0, T - 1, steps + 1, dtype=torch.float64).round().long()[1:]
         case "leading":
@@ -211,15 +166,15 @@ def ddim_plan(diffusion: DiffusionConfig, steps: int = 50, eta: float = 0.0,
     return _plan(timestep_sequence(diffusion.num_timesteps, steps, spacing), make_alpha_bar(diffusion), coefs)
 
 
-def dpm_solver_plan(diffusion: DiffusionConfig, steps: int = DPM_STEPS, spacing: str = "linspace-t0") -> SamplerPlan:
+def dpm_solver_plan(diffusion: DiffusionConfig, steps: int, spacing: str = "linspace-t0") -> SamplerPlan:
     """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2: multistep, second order, data prediction), the
     deterministic (ODE) sampler, on diffusers' DPMSolverMultistepScheduler grids (solver_timesteps);
     the first step, and the last one into the clean image, are first order (as that scheduler with
     final_sigmas_type "zero").
 
     The default grid is `linspace-t0` (DDIM's linspace: the last model call at t = 0), not that
-    scheduler's `linspace` (S + 1 points, t = 0 dropped). Measured on the bundled model (26,000
-    steps; 2,000 guided images, 15 steps, w = 1.8, same seeds): FID 47.0 against 71.5."""
+    scheduler's `linspace` (S + 1 points, t = 0 dropped), by FID on the bundled model (docs/sampling.md
+    has the table)."""
     timesteps = solver_timesteps(diffusion.num_timesteps, steps, spacing)
     ab_all = make_alpha_bar(diffusion)
     ab = ab_all[timesteps]

@@ -20,7 +20,7 @@ from engine.config import ModelConfig
 from engine.core import Engine
 from engine.model import UNet
 from engine.noise import image_keys
-from engine.sampler import SampleSettings
+from engine.settings import SampleSettings
 
 # name -> (backend, precision) for engine.backends.build_engine
 BENCH_BACKENDS = {

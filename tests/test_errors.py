@@ -64,7 +64,7 @@ BAD_INPUTS = [
     ("engine-unknown-class", engine_main, lambda c, g, d: engine_sample(c, d / "o", "--classes", "unicorn"), 1,
      "unknown class 'unicorn'"),
     ("engine-steps-over-T", engine_main, lambda c, g, d: engine_sample(c, d / "o", "--steps", "101"), 1,
-     "--steps 101 exceeds the model's T = 100"),
+     "--steps: 101 exceeds the model's T = 100"),
     ("engine-no-cuda", engine_main, lambda c, g, d: engine_sample(c, d / "o") + ["--device", "cuda"], 1,
      "CUDA is not available"),
     ("engine-n-zero", engine_main, lambda c, g, d: engine_sample(c, d / "o", "-n", "0"), 2, "out of range"),

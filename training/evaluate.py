@@ -15,7 +15,7 @@ from engine.formats.checkpoint import Checkpoint, atomic_write
 from engine.formats.images import class_rows, grid
 from engine.generate import generate
 from engine.model import UNet
-from engine.sampler import SampleSettings
+from engine.settings import SampleSettings
 from training.config import TrainConfig
 
 SAMPLES_PER_CLASS = 4

@@ -21,7 +21,7 @@ from engine.config import CIFAR10_CLASSES, DiffusionConfig, ModelConfig
 from engine.errors import ConfigError
 from engine.formats.checkpoint import Checkpoint
 from engine.model import UNet
-from engine.sampler import SampleSettings
+from engine.settings import SampleSettings
 from engine.timing import BENCH_BACKENDS, flops_per_image, measure, step_fn
 
 

@@ -16,18 +16,7 @@ import torch
 
 from engine import backends, distributed
 from engine.apps.bench import bench, format_header
-from engine.apps.clitools import (
-    MAX_GUIDANCE,
-    Parser,
-    UsageError,
-    float_range,
-    int_range,
-    model_classes,
-    non_negative_float,
-    reported,
-    resolve_guidance,
-    unit_float,
-)
+from engine.apps.clitools import Parser, UsageError, field_flag, int_range, non_negative_float, reported, settings_of
 from engine.backends import BACKENDS, PRECISIONS, build_engine
 from engine.config import PRESETS
 from engine.evaluation.classifier import BUNDLED_CLASSIFIER, load_classifier, recognition
@@ -50,8 +39,7 @@ from engine.formats.images import SampleRun, check_writable, grid, save_png, sta
 from engine.formats.opener import BUNDLED_CHECKPOINT, model_digest, open_checkpoint, open_model
 from engine.generate import INTERPOLATION, generate, image_progress, interpolate
 from engine.model import count_parameters
-from engine.noise import MASK32
-from engine.sampler import DDIM_STEPS, DPM_STEPS, SAMPLERS, SPACINGS, VARIANCES, SampleSettings
+from engine.settings import DDIM_STEPS, DPM_STEPS, FIELDS, SETTINGS, SampleSettings, model_classes, resolve_guidance
 from engine.timing import BENCH_BACKENDS
 
 SAMPLE = SampleSettings()  # the sample command's defaults
@@ -79,7 +67,6 @@ EXAMPLES = """examples:
 """
 
 
-guidance_scale = float_range(0.0, MAX_GUIDANCE)
 # -n's bound: 2,000 times a 50,000-image FID run; the run's bookkeeping (a shard list, one file a
 # shard) grows with n / SHARD_IMAGES, and past ~1e9 images it would not fit in memory.
 MAX_IMAGES = 100_000_000
@@ -108,11 +95,10 @@ def model_flags(p: argparse.ArgumentParser) -> None:
 
 def sampling_flags(p: argparse.ArgumentParser) -> None:
     model_flags(p)
-    p.add_argument("--guidance", "-w", type=guidance_scale, default=None,
-                   help=f"guidance scale w in (1 + w) eps(x, c) - w eps(x, null); 0 = purely conditional "
-                        f"(default: {SAMPLE.guidance:g} for sample, {INTERPOLATION.guidance:g} for interpolate; "
-                        f"0 for a model without a learned null class, e.g. an unconditional one)")
-    p.add_argument("--seed", type=int_range(0, MASK32), default=0, help="run seed (default: 0)")
+    field_flag(p, "guidance", "-w", default=None,
+               help=f"{FIELDS['guidance'].help} (default: {SAMPLE.guidance:g} for sample, "
+                    f"{INTERPOLATION.guidance:g} for interpolate)")
+    field_flag(p, "seed", default=0)
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -136,19 +122,9 @@ def add_sample(commands) -> None:
     sample.add_argument("-n", type=int_range(1, MAX_IMAGES), default=None,
                         help=f"number of images (default: 10 per class; at most {MAX_IMAGES:,})")
     sample.add_argument("--classes", default=None, help="comma-separated class indices or names (default: all)")
-    sample.add_argument("--sampler", choices=SAMPLERS, default=SAMPLE.sampler, help=f"default: {SAMPLE.sampler}")
-    sample.add_argument("--steps", type=int_range(1), default=SAMPLE.steps,
-                        help=f"sampling steps (default: T for ddpm, {DDIM_STEPS} for ddim, {DPM_STEPS} for dpm++2m)")
-    sample.add_argument("--eta", type=non_negative_float, default=SAMPLE.eta,
-                        help=f"DDIM eta (default: {SAMPLE.eta:g}, deterministic)")
-    sample.add_argument("--variance", choices=VARIANCES, default=SAMPLE.variance,
-                        help=f"DDPM sigma_t^2: beta_t (large) or the posterior variance (small) (default: {SAMPLE.variance})")
-    sample.add_argument("--spacing", choices=SPACINGS, default=SAMPLE.spacing,
-                        help=f"timestep spacing when steps < T (default: {SAMPLE.spacing})")
-    sample.add_argument("--clip-x0", action="store_true", help="clip the predicted x_0 to [-1, 1] at each step")
-    sample.add_argument("--threshold", type=unit_float, default=SAMPLE.threshold, metavar="P",
-                        help="dynamic thresholding (Imagen): at each step s = max(1, the P-quantile of |x_0| of the "
-                             f"image), x_0 -> clip(x_0, -s, s) / s; 0 turns it off (default: {SAMPLE.threshold:g})")
+    for name in SETTINGS:
+        if name != "guidance":  # sampling_flags': interpolate takes it too, with its own default
+            field_flag(sample, name, metavar="P" if name == "threshold" else None)
     sample.add_argument("--batch-size", type=int_range(1), default=None,
                         help="images per model call (default: 256 on a GPU, 32 on the CPU, where larger batches "
                              f"cost more per image; at most {SHARD_IMAGES})")
@@ -163,10 +139,9 @@ def add_interpolate(commands) -> None:
     interp.add_argument("--class", dest="class_name", default=None, help="class index or name (default: 0)")
     interp.add_argument("--pairs", type=int_range(1), default=1, help="pairs of end points (default: 1)")
     interp.add_argument("--frames", type=int_range(2), default=9, help="images per row, ends included (default: 9)")
-    interp.add_argument("--sampler", choices=["ddim", "dpm++2m"], default=INTERPOLATION.sampler,
-                        help=f"a deterministic sampler (default: {INTERPOLATION.sampler})")
-    interp.add_argument("--steps", type=int_range(1), default=None,
-                        help=f"sampling steps (default: {DDIM_STEPS} for ddim, {DPM_STEPS} for dpm++2m)")
+    field_flag(interp, "sampler", default=INTERPOLATION.sampler, choices=("ddim", "dpm++2m"),
+               help=f"a deterministic sampler (default: {INTERPOLATION.sampler})")
+    field_flag(interp, "steps", help=f"sampling steps (default: {DDIM_STEPS} for ddim, {DPM_STEPS} for dpm++2m)")
     interp.add_argument("--out", type=Path, default=Path("interpolation"), help="output folder (default: ./interpolation)")
 
 
@@ -294,11 +269,9 @@ def cmd_sample(args) -> None:
     try:
         device = distributed.device_for(world, device)
         ckpt = open_model(args.checkpoint, device)
-        classes = model_classes(args.classes, ckpt)
+        classes = model_classes(args.classes, ckpt.config, ckpt.class_names)
         n = args.n if args.n is not None else 10 * len(classes)
-        settings = SampleSettings(sampler=args.sampler, steps=args.steps, eta=args.eta, variance=args.variance,
-                                  spacing=args.spacing, clip_x0=args.clip_x0, threshold=args.threshold,
-                                  guidance=resolve_guidance(args.guidance, SAMPLE.guidance, ckpt.config))
+        settings = settings_of(args, guidance=resolve_guidance(args.guidance, SAMPLE.guidance, ckpt.config))
         image_steps = -(-n // world.size) * settings.num_steps(ckpt.diffusion.num_timesteps)
         engine = build_engine(ckpt, args.backend, device, args.precision,
                               max_batch=args.batch_size and min(args.batch_size, SHARD_IMAGES), image_steps=image_steps)
@@ -339,13 +312,15 @@ def cmd_interpolate(args) -> None:
     check_writable(args.out)
     device = distributed.resolve_device(args.device)
     ckpt = open_model(args.checkpoint, device)
-    (class_index,) = model_classes(args.class_name, ckpt, "--class", default="0")
+    classes = model_classes(args.class_name or "0", ckpt.config, ckpt.class_names, field="class")
+    if len(classes) != 1:
+        raise UsageError(f"--class takes one class, got {len(classes)}")
     settings = replace(INTERPOLATION, sampler=args.sampler, steps=args.steps,
                        guidance=resolve_guidance(args.guidance, INTERPOLATION.guidance, ckpt.config))
     images = 2 * args.pairs * args.frames  # one batch, one run: no CUDA graphs
     engine = build_engine(ckpt, args.backend, device, args.precision, max_batch=images, graphs=False,
                           image_steps=images * settings.num_steps(ckpt.diffusion.num_timesteps))
-    frames = interpolate(engine, settings, class_index, args.pairs, args.frames, args.seed, progress=not args.no_progress)
+    frames = interpolate(engine, settings, classes[0], args.pairs, args.frames, args.seed, progress=not args.no_progress)
     with staged_output(args.out) as stage:
         rows = [frames[i:i + args.frames] for i in range(0, len(frames), args.frames)]
         save_png(stage / "interpolation.png", grid(rows), scale=2)

@@ -1,6 +1,6 @@
-"""What the three command lines (`ddpm-engine`, `ddpm-export`, `ddpm-train`) and the server share: a
-parser whose usage errors are one line, validators for flag values (and for the classes and guidance
-a sampling request names), and the `main()` wrapper that turns an expected failure into one
+"""What the three command lines (`ddpm-engine`, `ddpm-export`, `ddpm-train`) share: a parser whose
+usage errors are one line, validators for flag values, the flags of the sampling fields (made from
+engine.settings.FIELDS), and the `main()` wrapper that turns an expected failure into one
 `PROG: error: ...` line and a non-zero exit."""
 
 from __future__ import annotations
@@ -11,15 +11,11 @@ import math
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 from engine.errors import UserError
+from engine.settings import FIELDS, FieldError, SampleSettings
 
-if TYPE_CHECKING:
-    from engine.config import ModelConfig
-    from engine.formats.checkpoint import Checkpoint
-
-MAX_GUIDANCE = 100.0  # far past any useful scale (papers use up to ~10); beyond it images saturate to garbage
 MAX_MESSAGE = 300  # characters of an error line: a message never echoes a whole file or flag back
 
 
@@ -64,7 +60,8 @@ def reported(prog: str, interrupted: str = "interrupted; nothing was written") -
     try:
         yield outcome
     except (UserError, OSError) as e:
-        print(f"{prog}: error: {one_line(e) or type(e).__name__}", file=sys.stderr)
+        message = f"{flag_of(e.field)}: {e.problem}" if isinstance(e, FieldError) else e
+        print(f"{prog}: error: {one_line(message) or type(e).__name__}", file=sys.stderr)
         outcome.code = 1
     except KeyboardInterrupt:
         print(f"{prog}: {interrupted}", file=sys.stderr)
@@ -104,46 +101,43 @@ def float_range(lo: float = 0.0, hi: float | None = None, lo_open: bool = False,
 
 non_negative_float = float_range(0.0)
 positive_float = float_range(0.0, lo_open=True)
-unit_float = float_range(0.0, 1.0)
-below_one = float_range(0.0, 1.0, hi_open=True)
-at_least_one = float_range(1.0)
 
 
-def parse_classes(text: str | None, class_names: tuple[str, ...]) -> list[int]:
-    if text is None:
-        return list(range(len(class_names)))
-    classes = []
-    for item in text.split(","):
-        item = item.strip()
-        if item in class_names:
-            classes.append(class_names.index(item))
-        elif item.isdigit() and int(item) < len(class_names):
-            classes.append(int(item))
-        else:
-            raise UsageError(f"unknown class {item!r}; this model has 0..{len(class_names) - 1}: {', '.join(class_names)}")
-    return classes
+def flag_of(field: str) -> str:
+    """A sampling field's name as a flag: clip_x0 -> --clip-x0."""
+    return "--" + field.replace("_", "-")
 
 
-def model_classes(text: str | None, ckpt: Checkpoint, flag: str = "--classes", default: str | None = None) -> list[int]:
-    """The labels named by a class flag (`default` when not given; None: every class); for an
-    unconditional model, its one label."""
-    if ckpt.config.num_classes == 0:
-        if text is not None:
-            raise UsageError(f"this model is unconditional: it has no classes to pick with {flag}")
-        return [ckpt.config.null_class]
-    return parse_classes(default if text is None else text, ckpt.class_names)
+def field_flag(parser: argparse.ArgumentParser, name: str, *aliases: str, default: object = ...,
+               help: str | None = None, choices: tuple[str, ...] | None = None, metavar: str | None = None) -> None:
+    """The flag of the sampling field `name` (engine.settings.FIELDS): its type, range, choices and help
+    from the table, its default SampleSettings' unless the command has its own (`default`), and the
+    command's own words where given. A refused value is argparse's one line, `argument --steps: ...`."""
+    field = FIELDS[name]
+    default = field.default if default is ... else default
+    if help is None:
+        help = field.help
+        if field.kind is not bool and default is not None and "(default:" not in help:
+            help += f" (default: {default:g})" if isinstance(default, float) else f" (default: {default})"
+    if field.kind is bool:
+        parser.add_argument(flag_of(name), *aliases, action="store_true", help=help)
+        return
+
+    def parse(value: str):
+        try:
+            return field.parse(value)
+        except FieldError as e:
+            raise argparse.ArgumentTypeError(e.problem) from None
+
+    parser.add_argument(flag_of(name), *aliases, type=None if field.kind is str else parse, default=default,
+                        choices=choices or field.choices, metavar=metavar, help=help)
 
 
-def resolve_guidance(flag: float | None, default: float, config: ModelConfig) -> float:
-    """--guidance, else the command's default; a model without a learned null class (an unconditional
-    or an imported class-conditional one) has nothing to guide away from: 0, and any other scale refused."""
-    if config.guidable:
-        return default if flag is None else flag
-    if flag:
-        why = ("this model is unconditional" if config.num_classes == 0
-               else "this model has no learned null class (an imported class-conditional model)")
-        raise UsageError(f"{why}: --guidance must be 0")
-    return 0.0
+def settings_of(args: argparse.Namespace, **given) -> SampleSettings:
+    """The SampleSettings of a command's parsed flags (a field without a flag keeps its default), with
+    `given` over them (e.g. the guidance resolved against the model)."""
+    names = [name for name in SampleSettings.__dataclass_fields__ if hasattr(args, name)]
+    return SampleSettings(**{**{name: getattr(args, name) for name in names}, **given})
 
 
 def console_main(prog: str, module: str) -> int:

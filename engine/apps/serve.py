@@ -49,14 +49,24 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from engine.apps.clitools import MAX_GUIDANCE, model_classes, one_line, resolve_guidance
+from engine.apps.clitools import one_line
 from engine.core import Engine, EngineClosed, NonFiniteImages, Request
 from engine.errors import UserError
 from engine.formats.checkpoint import Checkpoint
 from engine.formats.images import class_rows, grid
 from engine.generate import labels_for, to_uint8
 from engine.noise import MASK32, image_keys
-from engine.sampler import SAMPLERS, SPACINGS, VARIANCES, SampleSettings
+from engine.sampler import SAMPLERS, SPACINGS
+from engine.settings import (
+    FIELDS,
+    MAX_GUIDANCE,
+    Field,
+    FieldError,
+    SampleSettings,
+    model_classes,
+    resolve_guidance,
+    shown,
+)
 
 SAMPLE = SampleSettings()  # the defaults, as `ddpm-engine sample` reads them
 log = logging.getLogger("ddpm-engine.apps.serve")
@@ -95,56 +105,39 @@ class Job:
     seed: int
 
 
-FIELDS = {"class", "classes", "n", "guidance", "sampler", "steps", "seed", "eta", "spacing", "variance", "clip_x0",
-          "threshold"}
+# A request's fields: the sampling fields of engine.settings.FIELDS, and the request's own.
+REQUEST_FIELDS = ("class", "classes", "n")
+N_FIELD = Field("n", int, "images in the answer (default: 10 per class)", lo=1)
 
 
 def parse_job(body: object, ckpt: Checkpoint, max_images: int) -> Job:
-    """The request body as a Job, with the CLI's names, defaults and ranges; BadRequest(422) says what is wrong."""
+    """The request body as a Job, every field checked by engine.settings.FIELDS (the CLI's table: its
+    names, defaults and ranges) and against the model; BadRequest(422) names the field that is wrong.
+    A field that is absent takes its default; null is a value only for steps (the sampler's default)."""
     if not isinstance(body, dict):
         raise BadRequest(422, "the body must be a JSON object")
-    unknown = sorted(set(body) - FIELDS)
+    unknown = sorted(set(body) - set(FIELDS) - set(REQUEST_FIELDS))
     if unknown:
-        raise BadRequest(422, f"unknown field {unknown[0]!r}; use {', '.join(sorted(FIELDS))}")
-
-    def get(name, kind, default, lo=None, hi=None, choices=None):
-        value = body.get(name, default)
-        if value is None or value is default:
-            return value
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise BadRequest(422, f"{name} must be {'a number' if kind is float else kind.__name__}")
-        if kind is float and not math.isfinite(value):
-            raise BadRequest(422, f"{name} must be finite")
-        if (lo is not None and value < lo) or (hi is not None and value > hi):
-            raise BadRequest(422, f"{name} {value} is out of range [{lo}, {hi}]")
-        if choices is not None and value not in choices:
-            raise BadRequest(422, f"unknown {name} {value!r}; use {', '.join(choices)}")
-        return value
-
+        raise BadRequest(422, f"unknown field {shown(unknown[0])}; use {', '.join(sorted([*FIELDS, *REQUEST_FIELDS]))}")
     if "class" in body and "classes" in body:
         raise BadRequest(422, "give class or classes, not both")
-    picked = body.get("classes", body.get("class"))
-    if picked is not None:
-        items = picked if isinstance(picked, list) else [picked]
-        if not items or not all(isinstance(c, (str, int)) and not isinstance(c, bool) for c in items):
-            raise BadRequest(422, "classes must be a non-empty list of class names or indices")
-        picked = ",".join(str(c) for c in items)
     try:
-        classes = model_classes(picked, ckpt, flag="classes")
-        guidance = resolve_guidance(get("guidance", float, None, 0.0, MAX_GUIDANCE), SAMPLE.guidance, ckpt.config)
-    except UserError as e:
-        raise BadRequest(422, str(e).replace("--guidance", "guidance")) from None
-    T = ckpt.diffusion.num_timesteps
-    settings = SampleSettings(
-        sampler=get("sampler", str, SAMPLE.sampler, choices=SAMPLERS), steps=get("steps", int, SAMPLE.steps, 1, T),
-        eta=get("eta", float, SAMPLE.eta, 0.0, 1e3), variance=get("variance", str, SAMPLE.variance, choices=VARIANCES),
-        spacing=get("spacing", str, SAMPLE.spacing, choices=SPACINGS), guidance=guidance,
-        clip_x0=get("clip_x0", bool, SAMPLE.clip_x0), threshold=get("threshold", float, SAMPLE.threshold, 0.0, 1.0))
-    n = get("n", int, None, 1, max_images)
-    n = n if n is not None else min(10 * len(classes), max_images)
-    return Job(settings, classes, n, get("seed", int, 0, 0, MASK32))
+        values = {name: FIELDS[name].check(body[name]) for name in FIELDS if name in body}
+        picked = body.get("classes", body.get("class"))
+        field = "classes" if "classes" in body else "class"
+        if field in body and picked is None:
+            raise FieldError(field, "must be a class name or index, or a list of them, not null")
+        classes = model_classes(picked if isinstance(picked, list) or picked is None else [picked], ckpt.config,
+                                ckpt.class_names, field)
+        values["guidance"] = resolve_guidance(values.get("guidance"), SAMPLE.guidance, ckpt.config)
+        seed = values.pop("seed", 0)
+        settings = SampleSettings(**values).check(ckpt.diffusion.num_timesteps)
+        n = N_FIELD.check(body["n"]) if "n" in body else min(10 * len(classes), max_images)
+        if n > max_images:
+            raise FieldError("n", f"{n} is out of range [1, {max_images}] (this server's --max-images)")
+    except FieldError as e:
+        raise BadRequest(422, str(e)) from None
+    return Job(settings, classes, n, seed)
 
 
 def png_bytes(image: np.ndarray) -> bytes:

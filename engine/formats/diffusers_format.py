@@ -46,7 +46,7 @@ from engine.formats.checkpoint import (
     unet_with_weights,
 )
 from engine.model import AttnBlock, Downsample, ResBlock, UNet, Upsample
-from engine.sampler import SampleSettings
+from engine.settings import SampleSettings
 
 CONFIG = "config.json"
 WEIGHTS = "diffusion_pytorch_model.safetensors"

@@ -9,7 +9,8 @@ from engine.core import Engine, EngineClosed, NonFiniteImages, Request
 from engine.formats.checkpoint import Checkpoint
 from engine.model import UNet
 from engine.noise import INITIAL_STREAM, gaussian_noise, image_keys
-from engine.sampler import SampleSettings, step
+from engine.sampler import step
+from engine.settings import SampleSettings
 
 CONFIG = ModelConfig(image_size=16, ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), num_groups=8,
                      dropout=0.0)

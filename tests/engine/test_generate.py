@@ -9,7 +9,7 @@ from engine.config import PRESETS, DiffusionConfig
 from engine.formats.checkpoint import Checkpoint
 from engine.generate import INTERPOLATION, generate, interpolate, labels_for, slerp
 from engine.model import UNet
-from engine.sampler import SampleSettings
+from engine.settings import SampleSettings
 from tests.engine.support import same_images
 
 CONFIG = PRESETS["tiny"]

@@ -16,7 +16,7 @@ from engine.generate import sample_tensor, to_uint8
 from engine.graphs import StepGraphs, default_buckets
 from engine.model import UNet
 from engine.noise import image_keys
-from engine.sampler import SampleSettings
+from engine.settings import SampleSettings
 
 # Small enough for eager CPU runs of a few steps; the GPU tests use the real presets.
 CONFIG = ModelConfig(image_size=16, ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), num_groups=8,

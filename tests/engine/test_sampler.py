@@ -11,7 +11,8 @@ from engine.core import Engine
 from engine.diffusion import alpha_bar
 from engine.generate import sample_tensor
 from engine.noise import image_keys
-from engine.sampler import SampleSettings, bound_x0, ddim_plan, ddpm_plan, step, timestep_sequence
+from engine.sampler import bound_x0, ddim_plan, ddpm_plan, step, timestep_sequence
+from engine.settings import SampleSettings
 
 SHAPE = (2, 3, 3)
 

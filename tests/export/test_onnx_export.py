@@ -15,7 +15,7 @@ from engine.formats.checkpoint import Checkpoint, CheckpointError, save_checkpoi
 from engine.formats.onnx import load_onnx
 from engine.formats.onnx_export import export_module, random_inputs, relative_error
 from engine.generate import generate
-from engine.sampler import SampleSettings
+from engine.settings import SampleSettings
 from export.cli import main as export_main
 
 TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2}

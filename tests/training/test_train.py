@@ -321,7 +321,7 @@ HAS_EVAL = importlib.util.find_spec("scipy") is not None and fid.packaged_weight
 def test_fid_every_logs_the_fid_of_the_ema_model(tmp_path, capsys):
     from engine.backends import build_engine
     from engine.generate import generate
-    from engine.sampler import SampleSettings
+    from engine.settings import SampleSettings
     # The reference: 20 synthetic training images (the statistic is noisy at this size, but defined).
     network = fid.load_network()
     data = make_synthetic(32, per_class=2, seed=1).images.permute(0, 2, 3, 1).numpy()

@@ -36,7 +36,8 @@ from engine.formats.opener import open_checkpoint
 from engine.generate import sample_tensor
 from engine.model import UNet, count_parameters
 from engine.noise import image_keys
-from engine.sampler import SPACINGS, SampleSettings
+from engine.sampler import SPACINGS
+from engine.settings import SampleSettings
 
 # google/ddpm-cifar10-32's config.json (the DDPM authors' CIFAR-10 model, converted by diffusers).
 DDPM_CIFAR10 = {
