@@ -4,14 +4,15 @@ An `Engine` owns a set of slots, the rows of the U-Net batch. Each slot holds on
 request (`Request`): its x_t, its position in its own sampler plan, its class label, its
 guidance w, its noise key and DPM-Solver++(2M)'s previous x0_hat. One engine step (`Engine.step`):
 
-    admit      fill free slots from the waiting requests, fewest rows admitted so far first (a
-               1-image request waits for free slots, never for a big request to end)
+    admit      fill free slots from the waiting requests, a max-min fair share each (fair_shares):
+               a 1-image request beside a big one takes its slot at once, and a big one in a
+               stream of small ones is never passed over by a request that came after it
     eps        ONE model call on the conditional rows plus the unconditional rows of those with
                w != 0 (rows are kept guided-first, so those are x[:g]); per row
                eps = (1 + w) eps(x, c) - w eps(x, null)  (Ho & Salimans 2022, Eq. 6)
     update     x <- c_x0 x0_hat + c_xt x + c_eps eps + c_prev x0_hat_prev + sigma z, each row with
                the coefficients of its own plan and step, gathered from one table on the device
-               (engine.sampler.step); z is the row's own noise of its own step (engine.noise)
+               (engine.sampler.update); z is the row's own noise of its own step (engine.noise)
     retire     rows past their last step leave at once; a request is done with its last image
 
 So rows at different steps of different samplers, step counts, classes and guidance scales share
@@ -22,7 +23,10 @@ benchmarks) is every request submitted at once and `run()` until idle; `ddpm-eng
 submits from other threads and runs `serve_forever` on one engine thread.
 
 A step reads nothing from the device on the host: the host keeps each row's step count and
-rebuilds the row tensors only when rows join or leave. With `graphs` (the fused backend on
+rebuilds the row tensors (a `Batch`, built by `batch_of`) only when rows join or leave. A request is
+checked whole on submit (its settings against engine.settings.FIELDS and the model, its labels, keys
+and x_T), so nothing that reaches a step can make it raise; if a step raises anyway, the requests
+whose rows make it raise alone fail, and the others run on (`_isolate`). With `graphs` (the fused backend on
 CUDA) the step runs as one CUDA graph per batch bucket (engine.graphs), padded to the bucket,
 and then every row also computes its unconditional half (w = 0 rows weigh it by 0).
 """
@@ -40,10 +44,10 @@ from typing import Callable
 import torch
 
 from engine.config import DiffusionConfig
-from engine.errors import UserError
+from engine.errors import ConfigError, UserError
 from engine.graphs import StepGraphs, default_buckets
 from engine.noise import INITIAL_STREAM, gaussian_noise
-from engine.sampler import SamplerPlan, step
+from engine.sampler import SamplerPlan, update
 from engine.settings import SampleSettings
 
 PLAN_CAPACITY = 1 << 14  # plan-table entries (sampling steps over all plans in use); compacted when full
@@ -115,7 +119,7 @@ class PlanTable:
         self.offsets: dict[SampleSettings, int] = {}
         self.used = 0
 
-    def key(self, settings: SampleSettings) -> SampleSettings:
+    def plan_key(self, settings: SampleSettings) -> SampleSettings:
         """What a plan depends on: the settings without guidance and x0_hat's bounds, steps resolved."""
         return replace(settings, guidance=0.0, clip_x0=False, threshold=0.0,
                        steps=settings.num_steps(self.diffusion.num_timesteps))
@@ -148,16 +152,75 @@ class PlanTable:
 @dataclass
 class _Row:
     request: Request
-    image: int        # its index in the request
-    key: SampleSettings
-    remaining: int    # steps left; the next step is i = remaining - 1
+    image: int            # its index in the request
+    plan: SampleSettings  # its plan's key in the table (PlanTable.plan_key)
+    remaining: int        # steps left; the next step is i = remaining - 1
+
+
+@dataclass
+class Batch:
+    """The rows' tensors, one entry per row in the engine's row order (guided rows first): what a step
+    reads (`inputs`), and what it carries to the next (x, x0, pos)."""
+
+    x: torch.Tensor          # x_t, float32 (n, C, H, W)
+    x0: torch.Tensor         # the previous step's x0_hat (DPM-Solver++(2M)); zeros for a new row
+    pos: torch.Tensor        # int64 (n,): the row's entry in the plan table, its plan's offset + its step i
+    labels: torch.Tensor     # int64 (n,)
+    keys: torch.Tensor       # int64 (n,): the row's noise key (engine.noise)
+    w: torch.Tensor          # float32 (n, 1, 1, 1): guidance scale
+    clip: torch.Tensor       # bool (n, 1, 1, 1): clip x0_hat
+    threshold: torch.Tensor  # float32 (n, 1, 1, 1): dynamic thresholding's percentile, 0 off
+    guided: int              # rows [0, guided) have w != 0
+    bounded: bool            # some row clips or thresholds x0_hat
+
+    def inputs(self) -> tuple[torch.Tensor, ...]:
+        return self.x, self.x0, self.pos, self.labels, self.keys, self.w, self.clip, self.threshold
+
+
+def batch_of(rows: list[_Row], x: torch.Tensor, x0: torch.Tensor, table: PlanTable, device: torch.device) -> Batch:
+    """The Batch of `rows` (in that order) whose x_t and previous x0_hat are x and x0: the per-row values
+    the host knows are built from the rows, with no device read."""
+    settings = [row.request.settings for row in rows]
+
+    def column(values: list, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype, device=device).view(-1, 1, 1, 1)
+
+    return Batch(
+        x, x0, pos=torch.tensor([table.offsets[row.plan] + row.remaining - 1 for row in rows], device=device),
+        labels=torch.stack([row.request.labels[row.image] for row in rows]).to(device, torch.int64),
+        keys=torch.stack([row.request.keys[row.image] for row in rows]).to(device, torch.int64),
+        w=column([float(s.guidance) for s in settings]), clip=column([s.clip_x0 for s in settings], torch.bool),
+        threshold=column([float(s.threshold) for s in settings]), guided=sum(s.guidance != 0 for s in settings),
+        bounded=any(s.clip_x0 or s.threshold > 0 for s in settings))
+
+
+def fair_shares(needs: list[int], free: int) -> list[int]:
+    """A max-min fair split of `free` slots over requests that need `needs` more rows, in arrival order:
+    each gets an equal share, one that needs less takes only what it needs and the rest is shared among
+    the others, and slots that do not divide evenly go to the oldest. So a small request beside a big
+    one takes what it needs at once, and a request is never passed over for a younger one: when it gets
+    nothing, every slot went to requests that arrived before it."""
+    shares = [0] * len(needs)
+    unmet = [k for k, need in enumerate(needs) if need > 0]
+    while free > 0 and unmet:
+        share = free // len(unmet)
+        if share == 0:
+            for k in unmet[:free]:
+                shares[k] += 1
+            break
+        for k in unmet:
+            take = min(share, needs[k] - shares[k])
+            shares[k] += take
+            free -= take
+        unmet = [k for k in unmet if shares[k] < needs[k]]
+    return shares
 
 
 class Engine:
     """The step-level batcher over one eps model; built by engine.backends.build_engine.
 
     max_batch: the most rows (images) in a step; the U-Net sees up to twice as many under
-    guidance. admission: "step" (rows join at any step; fair across requests, see _admit) or "request"
+    guidance. admission: "step" (rows join at any step, a fair share each: fair_shares) or "request"
     (whole-request batching: new rows join only when the batch is empty, in arrival order; kept
     as the baseline of benchmarks/bench_serve.py).
     """
@@ -175,9 +238,9 @@ class Engine:
         self.graphs = StepGraphs(self.denoise, default_buckets(max_batch), capture) if graphs else None
         self.table = PlanTable(diffusion, self.device)
         self._incoming: queue.SimpleQueue[Request] = queue.SimpleQueue()
-        self._waiting: collections.deque[Request] = collections.deque()
+        self._waiting: list[Request] = []   # in arrival order
         self._rows: list[_Row] = []
-        self._state: dict[str, torch.Tensor] = {}
+        self._batch: Batch | None = None     # the rows' tensors; None when there are no rows
         self._closed = False
         self._arrivals = itertools.count()
         self.steps_run = 0
@@ -186,10 +249,22 @@ class Engine:
     # -- the client side (any thread) --------------------------------------------------------------------
 
     def submit(self, request: Request) -> Request:
-        """Queue a request; it joins the batch at a coming step. Settings errors raise here."""
-        request.num_steps = request.settings.plan(self.diffusion).num_steps  # bad settings raise here, not in a step
+        """Queue a request; it joins the batch at a coming step. Everything a step could trip on is
+        checked here: its settings (engine.settings.FIELDS, steps <= T), labels, keys and x_T."""
+        request.settings.check(self.diffusion.num_timesteps)
+        request.num_steps = request.settings.plan(self.diffusion).num_steps
+        labels, keys = request.labels, request.keys
+        if not (isinstance(labels, torch.Tensor) and labels.dim() == 1 and not labels.is_floating_point()
+                and not labels.is_complex() and labels.dtype != torch.bool):
+            raise ConfigError("labels must be a 1-D integer tensor")
+        if len(labels) and not (0 <= int(labels.min()) and int(labels.max()) <= self.null_class):
+            raise ConfigError(f"labels must be in [0, {self.null_class}] (the null class is {self.null_class})")
+        if not (isinstance(keys, torch.Tensor) and keys.shape == labels.shape and keys.dtype == torch.int64):
+            raise ConfigError("keys must be an int64 tensor, one key per label (engine.noise.image_keys)")
         if request.x_T is not None and tuple(request.x_T.shape) != (request.n, *self.shape):
-            raise ValueError(f"x_T must have shape {(request.n, *self.shape)}")
+            raise ConfigError(f"x_T must have shape {(request.n, *self.shape)}")
+        if request.x_T is not None and not torch.isfinite(request.x_T).all():
+            raise ConfigError("x_T must be finite")
         if self._closed:
             raise EngineClosed("the engine is shutting down")
         request.sequence = next(self._arrivals)
@@ -221,12 +296,12 @@ class Engine:
     @torch.no_grad()
     def serve_forever(self, stop: threading.Event, poll_s: float = 0.05) -> None:
         """Step while there is work; wait for requests when idle; return when `stop` is set and the
-        submitted work is done. A failed step fails the requests in it and the engine goes on."""
+        submitted work is done. A step that fails fails only the requests that make it fail (`step`)."""
         while not (stop.is_set() and self.idle()):
             try:
                 if self.step():
                     continue
-            except Exception as error:  # the model failed: its requests get the error, the server lives
+            except Exception as error:  # past _isolate (a bug in the bookkeeping): fail what is in the batch
                 self.fail_active(error)
                 continue
             try:
@@ -239,24 +314,21 @@ class Engine:
 
     @torch.no_grad()
     def step(self) -> bool:
-        """One engine step (admit, one U-Net call, update, retire); False when there was nothing to run."""
-        while True:
-            try:
-                self._waiting.append(self._incoming.get_nowait())
-            except queue.Empty:
-                break
+        """One engine step (admit, one U-Net call, update, retire); False when there was nothing to run.
+        If the model call raises, the requests whose rows alone make it raise fail and leave, and the
+        others take this step at the next call (`_isolate`)."""
+        self._receive()
         self._admit()
         if not self._rows:
             return False
         started = time.perf_counter()
-        s = self._state
-        args = (s["x"], s["x0"], s["pos"], s["labels"], s["keys"], s["w"], s["clip"], s["threshold"])
-        if self.graphs is not None:
-            x, x0 = self.graphs(*args)
-        else:
-            x, x0 = self.denoise(*args, guided=s["guided"], bounded=s["bounded"])
-        s["x"], s["x0"] = x, x0
-        s["pos"] = s["pos"] - 1
+        batch = self._batch
+        try:
+            x, x0 = self._denoise(batch)
+        except Exception as error:
+            self._isolate(error)
+            return True
+        batch.x, batch.x0, batch.pos = x, x0, batch.pos - 1
         self.steps_run += 1
         advanced = collections.Counter()
         for row in self._rows:
@@ -271,13 +343,18 @@ class Engine:
         self._retire()
         return True
 
+    def _denoise(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.graphs is not None:
+            return self.graphs(*batch.inputs())
+        return self.denoise(*batch.inputs(), guided=batch.guided, bounded=batch.bounded)
+
     def denoise(self, x: torch.Tensor, x0_prev: torch.Tensor, pos: torch.Tensor, labels: torch.Tensor,
                 keys: torch.Tensor, w: torch.Tensor, clip: torch.Tensor, threshold: torch.Tensor,
                 guided: int | None = None, bounded: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """The step of every row: x_{t_i} -> x_{t_{i-1}} and this step's x0_hat, row r at table entry
-        pos[r]. guided: rows [0, guided) have w != 0 (None: every row computes its unconditional
-        half, as under CUDA graphs); bounded: whether any row clips or thresholds x0_hat (clip and
-        threshold say which and how; False skips that work)."""
+        pos[r] (the fields of a Batch). guided: rows [0, guided) have w != 0 (None: every row computes
+        its unconditional half, as under CUDA graphs); bounded: whether any row clips or thresholds
+        x0_hat (clip and threshold say which and how; False skips that work)."""
         n = len(x)
         g = n if guided is None else guided
         t = self.table.coefs.timesteps[pos]
@@ -291,81 +368,130 @@ class Engine:
             eps = self.model(x, t, labels).float()
         z = gaussian_noise(keys, self.table.stream[pos], self.shape)
         if not bounded:
-            return step(self.table.coefs, pos, x, eps, z, x0_prev)
-        return step(self.table.coefs, pos, x, eps, z, x0_prev, clip, threshold)
+            return update(self.table.coefs, pos, x, eps, z, x0_prev)
+        return update(self.table.coefs, pos, x, eps, z, x0_prev, clip, threshold)
 
     def fixed_step(self, settings: SampleSettings, labels: torch.Tensor, keys: torch.Tensor) -> Callable[[], object]:
         """A no-argument function running the step of these rows at the middle of `settings`' plan, again
         and again without advancing (what the benchmarks time): the denoise, or graph replay, `step` runs."""
-        key = self.table.key(settings)
-        n = len(labels)
-        pos = torch.full((n,), self.table.offset(key) + key.steps // 2, device=self.device)
-        labels, keys = labels.to(self.device), keys.to(self.device)
-        x = gaussian_noise(keys, 0, self.shape)
-        w = torch.full((n, 1, 1, 1), float(settings.guidance), device=self.device)
-        clip = torch.full((n, 1, 1, 1), settings.clip_x0, device=self.device)
-        threshold = torch.full((n, 1, 1, 1), float(settings.threshold), device=self.device)
-        args = (x, x, pos, labels, keys, w, clip, threshold)
-        if self.graphs is not None:
-            return lambda: self.graphs(*args)
-        bounded = settings.clip_x0 or settings.threshold > 0
-        return torch.no_grad()(lambda: self.denoise(*args, guided=n if settings.guidance else 0, bounded=bounded))
+        request = Request(settings, labels, keys)
+        plan = self.table.plan_key(settings)
+        self.table.offset(plan)
+        rows = [_Row(request, j, plan, plan.steps // 2 + 1) for j in range(len(labels))]
+        x = gaussian_noise(keys.to(self.device), 0, self.shape)
+        batch = batch_of(rows, x, x, self.table, self.device)
+        return torch.no_grad()(lambda: self._denoise(batch))
 
     def fail_active(self, error: BaseException) -> None:
-        """End every request with rows in the batch with `error` (a step failed)."""
+        """End every request with rows in the batch with `error`."""
         for request in {row.request for row in self._rows}:
             self._finish(request, error=error)
         self._rebuild([], [])
 
+    def check(self) -> None:
+        """The invariants of the rows and their Batch, asserted (the tests call this after steps): at
+        most max_batch rows, guided rows first, one tensor entry a row, each row at table entry
+        offset + remaining - 1 of its own plan, every row's request unfinished."""
+        rows, batch = self._rows, self._batch
+        assert len(rows) <= self.max_batch, (len(rows), self.max_batch)
+        guided = [row.request.settings.guidance != 0 for row in rows]
+        assert guided == sorted(guided, reverse=True), "guided rows come first"
+        if not rows:
+            assert batch is None
+            return
+        assert all(len(t) == len(rows) for t in batch.inputs()) and batch.guided == sum(guided)
+        assert batch.pos.tolist() == [self.table.offsets[row.plan] + row.remaining - 1 for row in rows]
+        assert batch.labels.tolist() == [int(row.request.labels[row.image]) for row in rows]
+        assert all(0 < row.remaining <= row.request.num_steps for row in rows)
+        for request in {row.request for row in rows}:
+            assert not request.done and request.finished <= request.admitted <= request.n
+
     # -- membership --------------------------------------------------------------------------------------
 
+    def _receive(self) -> None:
+        """Move what was submitted into the waiting list, in arrival order."""
+        arrived = []
+        while True:
+            try:
+                arrived.append(self._incoming.get_nowait())
+            except queue.Empty:
+                break
+        if arrived:
+            self._waiting = sorted(self._waiting + arrived, key=lambda r: r.sequence)
+
     def _admit(self) -> None:
-        """Drop cancelled requests' rows; fill free slots. Step admission: requests with the fewest rows
-        admitted so far first (a new request before one that is streaming through the batch), then by
-        arrival, each taking what it needs of what is free; so small requests run whole and at once, and
-        a big one takes what the others leave. Request admission: only into an empty batch, by arrival."""
-        for request in [r for r in self._waiting if r.cancelled]:
-            self._waiting.remove(request)
-            self._finish(request, error=None)
-        keep = [k for k, row in enumerate(self._rows) if not row.request.cancelled]
-        for request in {row.request for row in self._rows if row.request.cancelled}:
-            self._finish(request, error=None)
-        new: list[_Row] = []
-        compacted = False
+        """Drop cancelled requests' rows, decide who takes the free slots (fair_shares; with request
+        admission, whole requests into an empty batch by arrival), then place their rows."""
+        keep = self._drop_cancelled()
         free = self.max_batch - len(keep)
         if self.admission == "request" and keep:
             free = 0
-        if free > 0 and self.admission == "step":
-            self._waiting = collections.deque(sorted(self._waiting, key=lambda r: (r.admitted, r.sequence)))
-        for request in list(self._waiting):
-            if request.n == 0:
-                self._waiting.remove(request)
-                self._finish(request)
-                continue
-            if free == 0:
-                break
-            key = self.table.key(request.settings)
-            if not self.table.fits(key):
-                self.table.keep_only({self._rows[k].key for k in keep} | {row.key for row in new})
-                compacted = True
-                if not self.table.fits(key):  # every entry is in use: wait for rows to leave
-                    break
-            self.table.offset(key)
-            take = min(free, request.n - request.admitted)
-            new += [_Row(request, request.admitted + j, key, request.num_steps) for j in range(take)]
-            request.admitted += take
-            free -= take
-            if request.admitted == request.n:
-                self._waiting.remove(request)
+        needs = [request.n - request.admitted for request in self._waiting]
+        if self.admission == "request":
+            shares = [min(need, max(free - sum(needs[:k]), 0)) for k, need in enumerate(needs)]
+        else:
+            shares = fair_shares(needs, free)
+        new, compacted = self._place(zip(self._waiting, shares), keep)
+        self._waiting = [r for r in self._waiting if r.admitted < r.n and not r.done]
         if new or compacted or len(keep) != len(self._rows):
             self._rebuild(keep, new)
+
+    def _drop_cancelled(self) -> list[int]:
+        """End cancelled requests (waiting or running) and requests of no images; the rows to keep."""
+        for request in self._waiting:
+            if request.cancelled or request.n == 0:
+                self._finish(request, error=None)
+        self._waiting = [r for r in self._waiting if not r.done]
+        for request in {row.request for row in self._rows if row.request.cancelled}:
+            self._finish(request, error=None)
+        return [k for k, row in enumerate(self._rows) if not row.request.cancelled]
+
+    def _place(self, grants, keep: list[int]) -> tuple[list[_Row], bool]:
+        """The new rows of each (request, share) granted, each request's plan in the table (compacted when
+        full; a plan that still does not fit waits for rows to leave); and whether the table was compacted."""
+        new: list[_Row] = []
+        compacted = False
+        for request, take in grants:
+            if take == 0:
+                continue
+            plan = self.table.plan_key(request.settings)
+            if not self.table.fits(plan):
+                self.table.keep_only({self._rows[k].plan for k in keep} | {row.plan for row in new})
+                compacted = True
+                if not self.table.fits(plan):  # every entry is in use
+                    break
+            self.table.offset(plan)
+            new += [_Row(request, request.admitted + j, plan, request.num_steps) for j in range(take)]
+            request.admitted += take
+        return new, compacted
+
+    def _isolate(self, error: Exception) -> None:
+        """The step raised `error`: run each request's rows alone (results discarded) and fail the requests
+        whose rows raise by themselves; the others keep their rows and take the step at the next call. If
+        no request's rows fail alone (the failure is not one request's: e.g. the device), all fail."""
+        requests = list(dict.fromkeys(row.request for row in self._rows))
+        failed = {}
+        for request in requests if len(requests) > 1 else []:
+            rows = [k for k, row in enumerate(self._rows) if row.request is request]
+            index = torch.tensor(rows, device=self.device)
+            alone = batch_of(self._rows_at(rows), self._batch.x[index], self._batch.x0[index], self.table, self.device)
+            try:
+                self.denoise(*alone.inputs(), guided=alone.guided, bounded=alone.bounded)
+            except Exception as own:
+                failed[request] = own
+        if not failed:
+            self.fail_active(error)
+            return
+        for request, own in failed.items():
+            self._finish(request, error=own)
+        self._rebuild([k for k, row in enumerate(self._rows) if row.request not in failed], [])
 
     def _retire(self) -> None:
         done = [k for k, row in enumerate(self._rows) if row.remaining == 0]
         if not done:
             return
         index = torch.tensor(done, device=self.device)
-        x = self._state["x"][index]
+        x = self._batch.x[index]
         for j, row in enumerate(self._rows_at(done)):
             request = row.request
             if request.images is None:
@@ -393,38 +519,27 @@ class Engine:
             request.on_done(request)
 
     def _rebuild(self, keep: list[int], new: list[_Row]) -> None:
-        """The row tensors for rows `keep` (indices of the current rows) then `new`, guided rows first."""
+        """The rows `keep` (indices of the current rows) then `new`, guided rows first, and their Batch:
+        the kept rows' x_t and x0_hat carried over, the new rows' x_T drawn from their keys (or given)."""
         rows = self._rows_at(keep) + new
         order = sorted(range(len(rows)), key=lambda k: rows[k].request.settings.guidance == 0)
         self._rows = [rows[k] for k in order]
         if not self._rows:
-            self._state = {}
+            self._batch = None
             return
-        device, old = self.device, self._state
-        parts = {}
+        x, x0 = [], []
         if keep:
-            index = torch.tensor(keep, device=device)
-            parts = {name: old[name][index] for name in ("x", "x0")}
+            index = torch.tensor(keep, device=self.device)
+            x.append(self._batch.x[index])
+            x0.append(self._batch.x0[index])
         if new:
-            keys = torch.stack([row.request.keys[row.image] for row in new]).to(device)
+            keys = torch.stack([row.request.keys[row.image] for row in new]).to(self.device)
             x_T = gaussian_noise(keys, INITIAL_STREAM, self.shape)
             for k, row in enumerate(new):
                 if row.request.x_T is not None:
-                    x_T[k] = row.request.x_T[row.image].to(device, torch.float32)
-            parts = {"x": torch.cat([parts["x"], x_T]) if keep else x_T,
-                     "x0": torch.cat([parts["x0"], torch.zeros_like(x_T)]) if keep else torch.zeros_like(x_T)}
-        permutation = torch.tensor(order, device=device)
-        s = {name: parts[name][permutation] for name in ("x", "x0")}
-        # Per-row values the host knows: rebuilt from the rows (no device read).
-        s["pos"] = torch.tensor([self.table.offsets[row.key] + row.remaining - 1 for row in self._rows], device=device)
-        s["labels"] = torch.stack([row.request.labels[row.image] for row in self._rows]).to(device, torch.int64)
-        s["keys"] = torch.stack([row.request.keys[row.image] for row in self._rows]).to(device, torch.int64)
-        s["w"] = torch.tensor([float(row.request.settings.guidance) for row in self._rows],
-                              device=device).view(-1, 1, 1, 1)
-        clips = [row.request.settings.clip_x0 for row in self._rows]
-        thresholds = [float(row.request.settings.threshold) for row in self._rows]
-        s["clip"] = torch.tensor(clips, device=device).view(-1, 1, 1, 1)
-        s["threshold"] = torch.tensor(thresholds, device=device).view(-1, 1, 1, 1)
-        s["bounded"] = any(clips) or any(p > 0 for p in thresholds)
-        s["guided"] = sum(row.request.settings.guidance != 0 for row in self._rows)
-        self._state = s
+                    x_T[k] = row.request.x_T[row.image].to(self.device, torch.float32)
+            x.append(x_T)
+            x0.append(torch.zeros_like(x_T))
+        permutation = torch.tensor(order, device=self.device)
+        self._batch = batch_of(self._rows, torch.cat(x)[permutation], torch.cat(x0)[permutation], self.table,
+                               self.device)

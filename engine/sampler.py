@@ -197,9 +197,9 @@ def dpm_solver_plan(diffusion: DiffusionConfig, steps: int, spacing: str = "lins
     return _plan_of(timesteps, ab, coef_x0, sigma_to / sigma, zeros, coef_prev, zeros)
 
 
-def step(plan: SamplerPlan, i: int | torch.Tensor, x: torch.Tensor, eps: torch.Tensor, z: torch.Tensor,
-         x0_prev: torch.Tensor, clip_x0: bool | torch.Tensor = False,
-         threshold: float | torch.Tensor = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+def update(plan: SamplerPlan, i: int | torch.Tensor, x: torch.Tensor, eps: torch.Tensor, z: torch.Tensor,
+           x0_prev: torch.Tensor, clip_x0: bool | torch.Tensor = False,
+           threshold: float | torch.Tensor = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """One update x_{t_i} -> x_{t_{i-1}}; returns (x_{t_{i-1}}, x0_hat) (the next step's x0_prev).
     Coefficients come from the plan, nothing from the host: `i` is a step index, or a tensor of
     per-row entries of a plan whose coefficients are shaped (N, 1, 1, 1) (engine.core.PlanTable).

@@ -22,7 +22,7 @@ Errors are one line of JSON, {"error": "..."}, with a 4xx status for bad input (
 the queue is full, 503 while draining); a client that disconnects cancels its request, whose
 rows leave the batch at the next step. SIGTERM stops admitting, lets in-flight requests finish
 (up to --grace seconds) and exits 0. The server keeps no state between requests: replicas
-behind any HTTP load balancer scale it out (README, "Serve").
+behind any HTTP load balancer scale it out (docs/serving.md).
 """
 
 from __future__ import annotations

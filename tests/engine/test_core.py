@@ -1,15 +1,17 @@
-"""The sampling engine: an image does not depend on what shares its batch; admission is fair;
-cancelled rows leave at the next step; failures end only the requests they touch."""
+"""The sampling engine: an image does not depend on what shares its batch; admission is fair (a small
+request beside a big one and a big one in a stream of small ones both finish within stated bounds);
+cancelled rows leave at the next step; a request is checked whole on submit, and a step that fails
+anyway ends only the requests that make it fail; the batch's invariants hold after every step."""
 
 import pytest
 import torch
 
 from engine.config import DiffusionConfig, ModelConfig
-from engine.core import Engine, EngineClosed, NonFiniteImages, Request
+from engine.core import Engine, EngineClosed, NonFiniteImages, Request, fair_shares
 from engine.formats.checkpoint import Checkpoint
 from engine.model import UNet
 from engine.noise import INITIAL_STREAM, gaussian_noise, image_keys
-from engine.sampler import step
+from engine.sampler import update
 from engine.settings import SampleSettings
 
 CONFIG = ModelConfig(image_size=16, ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), num_groups=8,
@@ -58,8 +60,15 @@ def reference(model, settings, labels, keys):
         eps = model(x, t, labels)
         if w:
             eps = (1 + w) * eps - w * model(x, t, torch.full_like(labels, NULL))
-        x, x0 = step(plan, i, x, eps, gaussian_noise(keys, i, SHAPE), x0, settings.clip_x0, settings.threshold)
+        x, x0 = update(plan, i, x, eps, gaussian_noise(keys, i, SHAPE), x0, settings.clip_x0, settings.threshold)
     return x
+
+
+def run_checked(engine):
+    """engine.run(), with the batch's invariants checked after every step."""
+    while engine.step():
+        engine.check()
+    engine.check()
 
 
 def mixed_run(model_or_engine, stagger: bool):
@@ -75,7 +84,7 @@ def mixed_run(model_or_engine, stagger: bool):
         engine.step()
     for other in others[1:]:
         engine.submit(other)
-    engine.run()
+    run_checked(engine)
     return mine.wait(), others
 
 
@@ -190,12 +199,11 @@ def test_failures_end_only_their_requests(model):
     with pytest.raises(NonFiniteImages, match="NaN"):
         nan.wait()
     doomed = engine.submit(request(settings, range(2)))
-    broken.fail = True
-    with pytest.raises(RuntimeError, match="device lost"):
-        engine.step()
-    engine.fail_active(RuntimeError("device lost"))
+    broken.fail = True  # every call fails: no request's rows run alone either, so all in the batch fail
+    assert engine.step()
     with pytest.raises(RuntimeError, match="device lost"):
         doomed.wait(timeout=0)
+    assert engine.idle()
     broken.fail = False
     fine = engine.submit(request(settings, range(2)))
     engine.run()
@@ -205,9 +213,116 @@ def test_failures_end_only_their_requests(model):
         engine.submit(request(settings, range(1)))
 
 
+class Poisoned(torch.nn.Module):
+    """Raises on any batch holding label 9: a request that passes every check but makes the step fail."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, t, y):
+        if (y == 9).any():
+            raise RuntimeError("poisoned row")
+        return self.model(x, t, y)
+
+
+def test_a_request_that_makes_the_step_fail_fails_alone(model):
+    settings = SampleSettings(sampler="ddim", steps=4, guidance=1.0)
+    alone = engine_of(model)
+    want = alone.submit(request(settings, range(3)))
+    alone.run()
+    engine = engine_of(Poisoned(model))
+    valid = engine.submit(request(settings, range(3)))
+    engine.step()
+    poison = engine.submit(Request(SampleSettings(sampler="ddpm", steps=5), torch.tensor([9, 1]),
+                                   image_keys(7, torch.arange(2))))
+    later = engine.submit(request(SampleSettings(sampler="ddim", steps=3, guidance=0.0), range(2), seed=5))
+    run_checked(engine)
+    with pytest.raises(RuntimeError, match="poisoned row"):
+        poison.wait(timeout=0)
+    assert (valid.wait() - want.wait()).abs().max() <= 1e-4  # as alone: the failure beside it changed nothing
+    assert later.wait().shape == (2, *SHAPE)
+
+
+POISON = [  # a bad value of every sampling field, and of the request's own tensors
+    dict(settings=SampleSettings(sampler="euler")), dict(settings=SampleSettings(steps=0)),
+    dict(settings=SampleSettings(steps=101)), dict(settings=SampleSettings(steps=2.5)),
+    dict(settings=SampleSettings(eta=float("nan"))), dict(settings=SampleSettings(eta=-1.0)),
+    dict(settings=SampleSettings(variance=None)), dict(settings=SampleSettings(spacing="cubic")),
+    dict(settings=SampleSettings(guidance=float("inf"))), dict(settings=SampleSettings(guidance=True)),
+    dict(settings=SampleSettings(clip_x0=None)), dict(settings=SampleSettings(threshold=None)),
+    dict(settings=SampleSettings(threshold=2.0)), dict(labels=torch.tensor([99])), dict(labels=torch.tensor([-1])),
+    dict(labels=torch.tensor([0.5])), dict(keys=torch.tensor([1, 2])), dict(keys=torch.tensor([1.0])),
+    dict(x_T=torch.zeros(1, 3, 8, 8)), dict(x_T=torch.full((1, *SHAPE), float("nan"))),
+]
+
+
+@pytest.mark.parametrize("poison", POISON, ids=lambda p: "-".join(f"{k}" for k in p))
+def test_a_poison_request_is_refused_on_submit_and_its_neighbour_is_unchanged(model, poison):
+    settings = SampleSettings(sampler="ddim", steps=3, guidance=1.0)
+    engine = engine_of(model)
+    valid = engine.submit(request(settings, range(2)))
+    fields = dict(settings=SampleSettings(sampler="ddim", steps=3), labels=torch.tensor([1]),
+                  keys=image_keys(0, torch.arange(1)), x_T=None)
+    with pytest.raises(ValueError):
+        engine.submit(Request(**{**fields, **poison}))
+    engine.run()
+    assert (valid.wait() - reference(model, settings, valid.labels, valid.keys)).abs().max() <= 1e-4
+
+
+def test_fair_shares_split_the_free_slots_max_min_with_the_rest_to_the_oldest():
+    assert fair_shares([32, 1], 8) == [7, 1]          # the small one takes what it needs at once
+    assert fair_shares([5, 5, 5], 6) == [2, 2, 2]
+    assert fair_shares([5, 5, 5], 7) == [3, 2, 2]     # the slot that does not divide goes to the oldest
+    assert fair_shares([1, 9, 2], 8) == [1, 5, 2]
+    assert fair_shares([4, 4, 4, 4], 2) == [1, 1, 0, 0]
+    assert fair_shares([0, 3], 5) == [0, 3] and fair_shares([3], 0) == [0]
+    for needs, free in [([7, 1, 1, 3], 5), ([2] * 9, 4), ([16, 1, 1, 1, 1], 3), ([3, 8, 1], 20)]:
+        shares = fair_shares(needs, free)
+        assert sum(shares) == min(free, sum(needs)) and all(0 <= s <= n for s, n in zip(shares, needs))
+        for k, share in enumerate(shares):  # never passed over for a younger request
+            if share == 0 and needs[k] > 0:
+                assert all(s == 0 for s in shares[k + 1:])
+
+
+def test_a_big_request_in_a_steady_stream_of_small_ones_finishes_within_its_bound(model):
+    """A 16-image request (max batch 8, S = 3 steps: 2 batches, 6 steps alone) arriving in a stream of
+    1-image requests that keeps the batch full (two new ones a step, about what frees up) is never passed
+    over for a younger one: in a step where any request that came after it gets a slot, it gets one too.
+    So it finishes within 5x its solo steps (measured: 4.2x); under the old fewest-admitted-first order it waited for the
+    stream to end. Every small one is still answered within 2S + 2 steps of its arrival."""
+    settings = SampleSettings(sampler="ddim", steps=3, guidance=0.0)
+    engine = engine_of(model, max_batch=8)
+    arrived, answered = {}, {}
+
+    def small(k):
+        r = request(settings, [k])
+        r.on_done = lambda done: answered.__setitem__(done, engine.steps_run)
+        arrived[engine.submit(r)] = engine.steps_run
+
+    for k in range(8):
+        small(k)
+    engine.step()
+    big = engine.submit(request(settings, range(100, 116)))
+    start = engine.steps_run
+    while not big.done:
+        small(len(arrived))
+        small(len(arrived))
+        younger = [r for r in arrived if r.sequence > big.sequence]
+        before = big.admitted, [r.admitted for r in younger]
+        engine.step()
+        engine.check()
+        if any(r.admitted > k for r, k in zip(younger, before[1])):
+            assert big.admitted > before[0] or big.admitted == big.n, "passed over for a younger request"
+        assert engine.steps_run - start <= 5 * 6, f"the big request starved: {big.admitted} of 16 admitted"
+    engine.run()
+    assert len(arrived) > 16 and set(answered) == set(arrived)  # the stream really ran beside it
+    assert max(answered[r] - arrived[r] for r in arrived) <= 2 * 3 + 2
+
+
 def test_bad_settings_are_refused_on_submit(model):
     engine = engine_of(model)
-    with pytest.raises(ValueError, match="exceeds"):
+    with pytest.raises(ValueError, match="steps: 101 exceeds"):
         engine.submit(request(SampleSettings(steps=101), range(1)))
     with pytest.raises(ValueError, match="unknown sampler"):
         engine.submit(request(SampleSettings(sampler="euler"), range(1)))

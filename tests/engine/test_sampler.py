@@ -11,7 +11,7 @@ from engine.core import Engine
 from engine.diffusion import alpha_bar
 from engine.generate import sample_tensor
 from engine.noise import image_keys
-from engine.sampler import bound_x0, ddim_plan, ddpm_plan, step, timestep_sequence
+from engine.sampler import bound_x0, ddim_plan, ddpm_plan, timestep_sequence, update
 from engine.settings import SampleSettings
 
 SHAPE = (2, 3, 3)
@@ -85,7 +85,7 @@ def test_ddim_with_eta_one_is_ddpm_with_posterior_variance():
     assert torch.allclose(ddim.sigma, ddpm.sigma, atol=1e-6)
     x, eps, z, x0_prev = torch.randn(4, 4, *SHAPE)
     for i in (0, 1, 17, 39):
-        assert torch.allclose(step(ddim, i, x, eps, z, x0_prev)[0], step(ddpm, i, x, eps, z, x0_prev)[0], atol=1e-4)
+        assert torch.allclose(update(ddim, i, x, eps, z, x0_prev)[0], update(ddpm, i, x, eps, z, x0_prev)[0], atol=1e-4)
 
 
 def test_full_ddpm_plan_follows_algorithm_2():
@@ -97,7 +97,7 @@ def test_full_ddpm_plan_follows_algorithm_2():
     x, eps, z = torch.randn(3, 4, *SHAPE, dtype=torch.float64).float()
     for t in (999, 500, 1):
         expected = (x - betas[t] / (1 - ab[t]).sqrt() * eps) / (1 - betas[t]).sqrt() + betas[t].sqrt() * z
-        assert torch.allclose(step(plan, t, x, eps, z, torch.randn_like(x))[0], expected.float(), atol=1e-4)
+        assert torch.allclose(update(plan, t, x, eps, z, torch.randn_like(x))[0], expected.float(), atol=1e-4)
     # Algorithm 2 adds no noise at t = 1.
     assert plan.sigma[0].item() == 0.0
 
@@ -138,7 +138,7 @@ def test_guidance_is_one_batched_call_equal_to_two_separate_calls():
     assert model.calls == [10]  # ONE call on the 2B batch
     plan = settings.plan(DiffusionConfig())
     eps = guided_reference(model, x_T, plan.timesteps.expand(5), y, w)
-    reference = step(plan, 0, x_T, eps, torch.zeros_like(x_T), torch.zeros_like(x_T), threshold=settings.threshold)[0]
+    reference = update(plan, 0, x_T, eps, torch.zeros_like(x_T), torch.zeros_like(x_T), threshold=settings.threshold)[0]
     assert torch.allclose(x0, reference, atol=1e-5)
 
 def test_zero_guidance_is_the_conditional_model_alone():
@@ -151,7 +151,7 @@ def test_zero_guidance_is_the_conditional_model_alone():
     plan = settings.plan(DiffusionConfig())
     eps = model(x_T, plan.timesteps.expand(4), y)
     zeros = torch.zeros_like(x_T)
-    assert torch.equal(x0, step(plan, 0, x_T, eps, zeros, zeros, threshold=settings.threshold)[0])
+    assert torch.equal(x0, update(plan, 0, x_T, eps, zeros, zeros, threshold=settings.threshold)[0])
 
 
 def test_sample_settings_resolve_their_steps():
