@@ -242,6 +242,7 @@ class Engine:
         self._rows: list[_Row] = []
         self._batch: Batch | None = None     # the rows' tensors; None when there are no rows
         self._closed = False
+        self._abort: BaseException | None = None  # set from another thread: fail everything at the next step
         self._arrivals = itertools.count()
         self.steps_run = 0
         self.on_step: Callable[[int, float], object] | None = None  # (rows, the step's host seconds): metrics
@@ -285,6 +286,11 @@ class Engine:
         """Stop admitting new requests; those already submitted still run."""
         self._closed = True
 
+    def abort(self, error: BaseException) -> None:
+        """End every request submitted so far with `error` at the engine's next step (from any thread):
+        a server's drain past its grace period."""
+        self._abort = error
+
     # -- the engine thread -------------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -318,6 +324,11 @@ class Engine:
         If the model call raises, the requests whose rows alone make it raise fail and leave, and the
         others take this step at the next call (`_isolate`)."""
         self._receive()
+        if self._abort is not None:
+            for request in self._waiting:
+                self._finish(request, error=self._abort)
+            self._waiting = []
+            self.fail_active(self._abort)
         self._admit()
         if not self._rows:
             return False

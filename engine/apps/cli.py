@@ -16,7 +16,16 @@ import torch
 
 from engine import backends, distributed
 from engine.apps.bench import bench, format_header
-from engine.apps.clitools import Parser, UsageError, field_flag, int_range, non_negative_float, reported, settings_of
+from engine.apps.clitools import (
+    Parser,
+    UsageError,
+    field_flag,
+    int_range,
+    non_negative_float,
+    positive_float,
+    reported,
+    settings_of,
+)
 from engine.backends import BACKENDS, PRECISIONS, build_engine
 from engine.config import PRESETS
 from engine.evaluation.classifier import BUNDLED_CLASSIFIER, load_classifier, recognition
@@ -160,7 +169,17 @@ def add_serve(commands) -> None:
     serve.add_argument("--max-queue", type=int_range(1), default=64,
                        help="requests waiting for slots; more are answered 429 (default: 64)")
     serve.add_argument("--grace", type=non_negative_float, default=30.0,
-                       help="seconds SIGTERM gives in-flight requests to finish (default: 30)")
+                       help="seconds SIGTERM gives in-flight requests to finish; those still running then are "
+                            "answered 503 (default: 30)")
+    serve.add_argument("--header-timeout", type=positive_float, default=10.0,
+                       help="seconds a connection has to send a whole request head, from connecting or from "
+                            "its last answer; then 408 and closed (default: 10)")
+    serve.add_argument("--body-timeout", type=positive_float, default=10.0,
+                       help="seconds a request has to send its whole body after its head; then 408 (default: 10)")
+    serve.add_argument("--keep-alive", type=positive_float, default=5.0,
+                       help="seconds an idle keep-alive connection stays open (default: 5)")
+    serve.add_argument("--max-connections", type=int_range(1), default=256,
+                       help="open connections; one more is answered 503 and closed (default: 256)")
     serve.add_argument("--admission", choices=["step", "request"], default="step",
                        help="step: requests join the batch at any step (default); request: whole-request batching, "
                             "the baseline of benchmarks/bench_serve.py")
@@ -341,7 +360,9 @@ def cmd_serve(args) -> None:
     engine = build_engine(ckpt, args.backend, device, args.precision, max_batch=args.batch_size,
                           image_steps=backends.ONNX_MIN_IMAGE_STEPS, admission=args.admission)
     serve(ckpt, engine, ServeOptions(host=args.host, port=args.port, token=args.token, max_images=args.max_images,
-                                     max_queue=args.max_queue, grace_s=args.grace))
+                                     max_queue=args.max_queue, grace_s=args.grace,
+                                     header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
+                                     keep_alive_s=args.keep_alive, max_connections=args.max_connections))
 
 
 def describe(ckpt: Checkpoint) -> str:

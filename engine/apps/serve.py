@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hmac
 import io
 import json
 import logging
@@ -45,9 +46,11 @@ from PIL import Image
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.requests import Request as HttpRequest
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from engine.apps.clitools import one_line
 from engine.core import Engine, EngineClosed, NonFiniteImages, Request
@@ -76,11 +79,16 @@ log = logging.getLogger("ddpm-engine.apps.serve")
 class ServeOptions:
     host: str = "127.0.0.1"
     port: int = 8000
-    token: str | None = None     # bearer token every endpoint but /healthz requires
+    token: str | None = None     # bearer token every endpoint but /healthz and the page requires
     max_images: int = 256        # images a request may ask for
     max_queue: int = 64          # requests waiting for slots; more are answered 429
     max_body: int = 16 * 1024    # bytes of a request body
+    max_depth: int = 16          # nesting of arrays and objects in a request body
     grace_s: float = 30.0        # what SIGTERM gives in-flight requests
+    header_timeout_s: float = 10.0  # from a connection (or its last answer) to a whole request head
+    body_timeout_s: float = 10.0    # from the request head to the whole body
+    keep_alive_s: float = 5.0       # an idle keep-alive connection is closed after this
+    max_connections: int = 256      # open connections; more are answered 503 and closed
 
 
 class BadRequest(Exception):
@@ -218,12 +226,23 @@ class Service:
     def ready(self) -> bool:
         return self.thread.is_alive() and not self.draining
 
-    def shutdown(self) -> None:
-        """Stop admitting; let submitted work finish (within the grace period), then stop the thread."""
+    def drain(self) -> None:
+        """Stop admitting; requests still running after the grace period are ended (Drained: a 503)."""
         self.draining = True
         self.engine.close()
+        expire = threading.Timer(self.options.grace_s, self.engine.abort,
+                                 [Drained(f"the server is shutting down and this request outlived its "
+                                          f"{self.options.grace_s:g} s grace period")])
+        expire.daemon = True
+        expire.start()
+
+    def shutdown(self) -> None:
+        """Drain, then stop the engine thread and wait for it: the process never exits under a running step."""
+        if not self.draining:
+            self.drain()
+        self.engine.abort(Drained("the server is shutting down"))
         self.stop.set()
-        self.thread.join(self.options.grace_s)
+        self.thread.join()
 
     def submit(self, job: Job, loop: asyncio.AbstractEventLoop,
                events: asyncio.Queue | None = None) -> tuple[Request, asyncio.Future]:
@@ -265,20 +284,57 @@ def answer_of(job: Job, request: Request, ckpt: Checkpoint) -> dict:
             if ckpt.class_names else []}
 
 
-async def read_json(http: HttpRequest, limit: int) -> object:
-    """The body as JSON; 413 past `limit` bytes (checked while reading), 400 if it is not JSON."""
+class ClientGone(Exception):
+    """The client disconnected before its request was read: nobody to answer."""
+
+
+async def read_json(http: HttpRequest, options: ServeOptions) -> object:
+    """The body as JSON: 413 past options.max_body bytes (checked while reading), 408 if it takes longer
+    than options.body_timeout_s, 400 if it is not JSON or nests deeper than options.max_depth;
+    ClientGone if the client leaves (or breaks the framing) mid-body."""
+    limit = options.max_body
     declared = http.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    if declared is not None and declared.isascii() and declared.isdigit() and len(declared) < 20 and int(declared) > limit:
         raise BadRequest(413, f"the body is over {limit} bytes")
     body = bytearray()
-    async for chunk in http.stream():
-        body += chunk
-        if len(body) > limit:
-            raise BadRequest(413, f"the body is over {limit} bytes")
+    try:
+        async with asyncio.timeout(options.body_timeout_s):
+            async for chunk in http.stream():
+                body += chunk
+                if len(body) > limit:
+                    raise BadRequest(413, f"the body is over {limit} bytes")
+    except TimeoutError:
+        raise BadRequest(408, f"the body did not arrive within {options.body_timeout_s:g} s") from None
+    except ClientDisconnect:
+        raise ClientGone() from None
+    if nesting(body) > options.max_depth:
+        raise BadRequest(400, f"the body nests arrays and objects deeper than {options.max_depth}")
     try:
         return json.loads(body or b"{}")
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise BadRequest(400, f"the body is not valid JSON: {e}") from None
+
+
+def nesting(body: bytes) -> int:
+    """The deepest nesting of [ and { outside JSON strings (what json.loads would recurse into)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in body:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return deepest
 
 
 async def disconnected(http: HttpRequest) -> None:
@@ -304,7 +360,12 @@ class Api:
     async def images(self, http: HttpRequest) -> Response:
         """POST /v1/images: JSON, a PNG grid, or server-sent events, by the Accept header."""
         started = time.perf_counter()
-        job = parse_job(await read_json(http, self.options.max_body), self.ckpt, self.options.max_images)
+        try:
+            body = await read_json(http, self.options)
+        except ClientGone:
+            self.metrics.cancelled.inc()
+            return Response(status_code=499)
+        job = parse_job(body, self.ckpt, self.options.max_images)
         accept = http.headers.get("accept", "")
         loop = asyncio.get_running_loop()
         if "text/event-stream" in accept:
@@ -362,6 +423,8 @@ class Api:
 
     @staticmethod
     def failed(error: BaseException) -> Response:
+        if isinstance(error, Drained):
+            return error_response(503, str(error))
         if isinstance(error, NonFiniteImages):
             return error_response(500, str(error))
         log.error("a request failed: %s", one_line(error) or type(error).__name__)
@@ -404,19 +467,25 @@ class Api:
 
 
 class TokenGuard:
-    """ASGI middleware: every path but /healthz needs `Authorization: Bearer TOKEN`, checked before any
-    body is read."""
+    """ASGI middleware: every path but /healthz and the page (static HTML that asks for the token) needs
+    `Authorization: Bearer TOKEN` (the scheme in any case, RFC 7235), checked before any body is read."""
+
+    OPEN = ("/healthz", "/")
 
     def __init__(self, app, token: str, metrics: Metrics):
-        self.app, self.expected, self.metrics = app, f"Bearer {token}".encode("latin-1"), metrics
+        self.app, self.token, self.metrics = app, token.encode("utf-8"), metrics
+
+    def authorized(self, headers: list[tuple[bytes, bytes]]) -> bool:
+        value = dict(headers).get(b"authorization", b"")
+        scheme, _, credentials = value.strip().partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(credentials.strip(), self.token)
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"] != "/healthz":
-            if dict(scope["headers"]).get(b"authorization") != self.expected:
-                self.metrics.rejected.labels("unauthorized").inc()
-                response = error_response(401, "missing or wrong bearer token",
-                                          {"WWW-Authenticate": 'Bearer realm="ddpm-engine"'})
-                return await response(scope, receive, send)
+        if scope["type"] == "http" and scope["path"] not in self.OPEN and not self.authorized(scope["headers"]):
+            self.metrics.rejected.labels("unauthorized").inc()
+            response = error_response(401, "missing or wrong bearer token",
+                                      {"WWW-Authenticate": 'Bearer realm="ddpm-engine"'})
+            return await response(scope, receive, send)
         return await self.app(scope, receive, send)
 
 
@@ -432,16 +501,86 @@ def build_app(service: Service):
     return app if service.options.token is None else TokenGuard(app, service.options.token, service.metrics)
 
 
-class DrainingServer(uvicorn.Server):
-    """uvicorn's server; a SIGTERM or Ctrl-C also marks the service as draining (/readyz 503, new
-    requests 503) while uvicorn stops listening and lets open requests finish."""
+class Drained(Exception):
+    """A request still running when the drain's grace period ended."""
 
-    def __init__(self, config: uvicorn.Config, service: Service):
+
+def raw_json_response(status: int, reason: str, message: str) -> bytes:
+    """A whole HTTP/1.1 answer with a one-line JSON error, for what is answered below the ASGI app."""
+    body = json.dumps({"error": message}).encode()
+    return (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
+            f"connection: close\r\n\r\n").encode() + body
+
+
+class GuardedProtocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol with what it lacks: a deadline for a whole request head (from the
+    connection, or from the last answer on a kept-alive one), a cap on open connections, and one-line
+    JSON for the errors it answers itself (a malformed request). `serve` sets the class attributes."""
+
+    header_timeout_s = 10.0
+    max_connections = 256
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        if len(self.connections) > self.max_connections:
+            transport.write(raw_json_response(503, "Service Unavailable", "too many connections; retry later"))
+            transport.close()
+            return
+        self._arm_head_deadline()
+
+    def _arm_head_deadline(self) -> None:
+        self._disarm_head_deadline()
+        self.head_deadline = self.loop.call_later(self.header_timeout_s, self._head_deadline_passed)
+
+    def _disarm_head_deadline(self) -> None:
+        deadline = getattr(self, "head_deadline", None)
+        if deadline is not None:
+            deadline.cancel()
+            self.head_deadline = None
+
+    def _head_deadline_passed(self) -> None:
+        if (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing():
+            self.transport.write(raw_json_response(
+                408, "Request Timeout", f"no whole request head within {self.header_timeout_s:g} s"))
+            self.transport.close()
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        if self.cycle is not None and not self.cycle.response_complete:
+            self._disarm_head_deadline()  # a request head arrived: the app's deadlines take over
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            self._arm_head_deadline()
+
+    def connection_lost(self, exc) -> None:
+        self._disarm_head_deadline()
+        super().connection_lost(exc)
+
+    def send_400_response(self, msg: str) -> None:
+        self.transport.write(raw_json_response(400, "Bad Request", msg))
+        self.transport.close()
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server. Its one line "serving ..." is printed once the socket is bound. A SIGTERM or
+    Ctrl-C marks the service as draining (/readyz 503, new requests 503) while uvicorn stops listening;
+    requests still running when the grace period ends are answered 503 (an `error` event on a stream),
+    and the process exits 0."""
+
+    def __init__(self, config: uvicorn.Config, service: Service, started_line: str):
         super().__init__(config)
-        self.service = service
+        self.service, self.started_line = service, started_line
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            print(self.started_line, flush=True)
 
     def handle_exit(self, sig, frame) -> None:
-        self.service.draining = True
+        if not self.service.draining:
+            self.service.drain()
         super().handle_exit(sig, frame)
         # uvicorn re-raises a captured signal once it has shut down, so the process would die of it
         # (status -15); a server that drained as asked exits 0.
@@ -453,12 +592,17 @@ def serve(ckpt: Checkpoint, engine: Engine, options: ServeOptions) -> None:
     service = Service(ckpt, engine, options)
     service.start()
     app = build_app(service)
+    protocol = type("Protocol", (GuardedProtocol,), {"header_timeout_s": options.header_timeout_s,
+                                                     "max_connections": options.max_connections})
+    # uvicorn waits for the answers of the requests the drain ended: a few seconds past the grace period.
     config = uvicorn.Config(app, host=options.host, port=options.port, log_level="info", access_log=False,
-                            timeout_graceful_shutdown=int(options.grace_s), lifespan="off")
-    server = DrainingServer(config, service)
-    print(f"serving {engine.name} on http://{options.host}:{options.port}/ (max batch {engine.max_batch} images)",
-          flush=True)
+                            http=protocol, timeout_keep_alive=max(1, math.ceil(options.keep_alive_s)),
+                            timeout_graceful_shutdown=int(options.grace_s) + 10, lifespan="off")
+    server = DrainingServer(config, service, f"serving {engine.name} on http://{options.host}:{options.port}/ "
+                                             f"(max batch {engine.max_batch} images)")
     try:
         server.run()
+    except SystemExit:  # uvicorn's start-up failure, which it has logged (a port in use)
+        raise OSError(f"could not serve on {options.host}:{options.port} (see the line above)") from None
     finally:
         service.shutdown()

@@ -1,7 +1,9 @@
 """`ddpm-engine serve`, started as a real process on 127.0.0.1: the images equal `ddpm-engine sample`'s,
 the answers (JSON, PNG grid, server-sent events), the probes and metrics, and behaviour under
-faults: bad input, a client that goes away, a full queue, the token, SIGTERM. The page is driven
-in a real headless Chromium (the OS package; .ci/run installs it)."""
+faults: bad and hostile input (a poison request beside a valid one, malformed bodies and framing),
+a client that goes away, silent and slow clients (dropped by the timeouts while others are served),
+too many connections, a full queue, the token, SIGTERM within and past the grace period, a busy port.
+The page is driven in a real headless Chromium (the OS package; .ci/run installs it)."""
 
 import base64
 import http.client
@@ -221,12 +223,15 @@ def test_token_and_full_queue(checkpoint, tmp_path):
     auth = {"Authorization": "Bearer s3cret"}
     try:
         assert s.call("GET", "/healthz")[0] == 200  # liveness stays open
-        for method, path in (("GET", "/readyz"), ("GET", "/metrics"), ("GET", "/"), ("POST", "/v1/images"),
-                             ("GET", "/v1/model")):
+        status, headers, page = s.call("GET", "/")  # the page is static and asks for the token itself
+        assert status == 200 and headers["content-type"].startswith("text/html") and b"Bearer" in page
+        for method, path in (("GET", "/readyz"), ("GET", "/metrics"), ("POST", "/v1/images"), ("GET", "/v1/model")):
             status, headers, data = s.call(method, path, {"n": 1} if method == "POST" else None)
             assert status == 401 and "error" in json.loads(data) and "Bearer" in headers["www-authenticate"], path
-        assert s.call("GET", "/readyz", headers={"Authorization": "Bearer wrong"})[0] == 401
-        assert s.call("GET", "/readyz", headers=auth)[0] == 200
+        for wrong in ("Bearer wrong", "Bearer", "s3cret", "Basic s3cret", "Bearer s3cret2", "Bearer s3cre"):
+            assert s.call("GET", "/readyz", headers={"Authorization": wrong})[0] == 401, wrong
+        for scheme in ("Bearer", "bearer", "BEARER", "bEaReR"):  # RFC 7235: the scheme is case-insensitive
+            assert s.call("GET", "/readyz", headers={"Authorization": f"{scheme} s3cret"})[0] == 200, scheme
         # One slot: a 4-image request runs one image and waits with the rest, so the queue (1) is full.
         client = open_post(s.port, {"n": 4, "steps": 1000, "sampler": "ddpm"}, auth)
         s.wait_for(lambda: s.metric("ddpm_queue_depth", auth) == 1)
@@ -295,3 +300,169 @@ def test_the_page_fills_the_grid_in_a_real_browser(server, tmp_path):
             browser.close()
     assert rows == ["shape1", "shape2", "shape3"] and widths == [32] * 9
     assert Image.open(tmp_path / "page.png").size == (900, 520)
+
+
+HOSTILE = [  # (body bytes, status, words): what a hostile client sends; never a 5xx, always one line of JSON
+    (b"[" * 5000 + b"]" * 5000, 400, "nests"),
+    (b'{"n": ' + b"[" * 200 + b"]" * 200 + b"}", 400, "nests"),
+    (b'{"seed": null}', 422, "seed: must be"), (b'{"eta": null}', 422, "eta: must be"),
+    (b'{"clip_x0": null}', 422, "clip_x0: must be"), (b'{"threshold": null}', 422, "threshold: must be"),
+    (b'{"sampler": null}', 422, "sampler"), (b'{"guidance": null}', 422, "guidance: must be"),
+    (b'{"classes": null}', 422, "classes"), (b'{"class": null}', 422, "class"),
+    (b'{"classes": []}', 422, "classes"), (b'{"classes": [[1]]}', 422, "unknown class"),
+    (b'{"classes": ["\u0663"]}', 422, "unknown class"), (b'{"class": "\uff11"}', 422, "unknown class"),
+    (b'{"classes": ["' + b"9" * 5000 + b'"]}', 422, "unknown class"), (b'{"classes": [1e400]}', 422, "unknown class"),
+    (b'{"eta": NaN}', 422, "not a finite number"), (b'{"guidance": Infinity}', 422, "not a finite number"),
+    (b'{"seed": 1e400}', 422, "seed: must be an integer"), (b'{"seed": ' + b"9" * 4000 + b"}", 422, "seed"),
+    (b'{"steps": true}', 422, "steps: must be an integer"), (b'{"n": 2.0}', 422, "n: must be an integer"),
+    (b'{"guidance": "2"}', 422, "guidance: must be a number"), (b'{"clip_x0": 1}', 422, "clip_x0: must be true"),
+    (b'{"steps": 0}', 422, "steps"), (b'{"n": 0}', 422, "n"), (b'{"n": ' + b"9" * 100 + b"}", 422, "n"),
+    (b'"just a string"', 422, "JSON object"), (b"\xff\xfe", 400, "not valid JSON"), (b"", 200, None),
+]
+
+
+@pytest.mark.parametrize("body, status, words", HOSTILE, ids=range(len(HOSTILE)))
+def test_hostile_bodies_are_a_4xx_with_one_line_of_json(server, body, status, words):
+    if status == 200:  # an empty body is the defaults: answered, not refused
+        body = b'{"n": 1, "steps": 2}'
+    got, headers, data = server.call("POST", "/v1/images", body)
+    assert got == status and headers["content-type"] == "application/json", data[:200]
+    if words is not None:
+        error = json.loads(data)["error"]
+        assert words in error and "\n" not in error and len(error) < 400, error
+
+
+POISONS = [{"sampler": "euler"}, {"steps": 1001}, {"steps": 1.5}, {"eta": -1}, {"eta": None}, {"variance": 3},
+           {"spacing": "cubic"}, {"guidance": -1}, {"clip_x0": None}, {"threshold": None}, {"threshold": 2},
+           {"seed": None}, {"classes": ["zebra"]}, {"n": 10_000}]
+
+
+def test_a_poison_request_beside_a_valid_one_never_changes_its_answer(server):
+    valid = {"classes": [1, 2], "n": 4, "steps": 40, "seed": 3, "sampler": "ddim"}
+    alone = json.loads(server.post(valid)[2])["images"]
+    answers = []
+    running = threading.Thread(target=lambda: answers.append(server.post(valid)))
+    running.start()
+    server.wait_for(lambda: server.metric("ddpm_active_slots") >= 4)
+    for poison in POISONS:  # while the valid one runs: each field's poison, refused alone
+        status, _, data = server.post({**valid, **poison})
+        assert status == 422 and "\n" not in json.loads(data)["error"], (poison, data)
+    running.join(120)
+    status, _, data = answers[0]
+    assert status == 200 and json.loads(data)["images"] == alone
+
+
+def raw(port: int, data: bytes, wait_s: float = 10.0) -> bytes:
+    """Send raw bytes on a new connection; what the server answers before it closes (or wait_s passes)."""
+    with socket.create_connection(("127.0.0.1", port)) as conn:
+        conn.sendall(data)
+        conn.settimeout(wait_s)
+        received = b""
+        try:
+            while chunk := conn.recv(65536):
+                received += chunk
+        except socket.timeout:
+            pass
+        return received
+
+
+def json_error_of(answer: bytes) -> tuple[int, str]:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert b"application/json" in head.lower(), answer[:300]
+    return int(head.split()[1]), json.loads(body)["error"]
+
+
+def test_malformed_framing_is_one_line_of_json_and_a_cut_body_a_quiet_cancel(server):
+    status, error = json_error_of(raw(server.port, b"POST /v1/images HTTP/1.1\r\nHost: x\r\n"
+                                                   b"Transfer-Encoding: chunked\r\n\r\nzz\r\nnot a chunk\r\n"))
+    assert status == 400 and error
+    status, error = json_error_of(raw(server.port, b"GARBAGE\x00\x01 / HTTP/9\r\n\r\n"))
+    assert status == 400 and error
+    cancelled = server.metric("ddpm_cancelled_requests_total")
+    with socket.create_connection(("127.0.0.1", server.port)) as conn:  # says 100 bytes, sends 10, leaves
+        conn.sendall(b"POST /v1/images HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"n\": 1, ")
+        time.sleep(0.3)
+    server.wait_for(lambda: server.metric("ddpm_cancelled_requests_total") == cancelled + 1)
+    assert server.post({"n": 1, "steps": 2})[0] == 200
+
+
+def test_silent_and_slow_clients_are_dropped_while_others_are_served(checkpoint, tmp_path):
+    s = Server(checkpoint, tmp_path, "--header-timeout", "1", "--body-timeout", "1", "--keep-alive", "1",
+               "--max-connections", "6")
+    try:
+        started = time.monotonic()
+        silent = socket.create_connection(("127.0.0.1", s.port))  # sends nothing
+        half = socket.create_connection(("127.0.0.1", s.port))    # half a request head
+        half.sendall(b"POST /v1/images HTTP/1.1\r\nHost: x\r\n")
+        assert s.post({"n": 1, "steps": 2})[0] == 200  # served meanwhile
+        for conn in (silent, half):
+            conn.settimeout(10)
+            answer = b""
+            while chunk := conn.recv(65536):
+                answer += chunk
+            conn.close()
+            if answer:  # the silent one may just be closed; the half one gets a 408
+                assert json_error_of(answer)[0] == 408
+        assert time.monotonic() - started < 8  # dropped after ~1 s, not kept open
+        slow = socket.create_connection(("127.0.0.1", s.port))  # a body at a byte every 0.3 s
+        slow.sendall(b"POST /v1/images HTTP/1.1\r\nHost: x\r\nContent-Length: 30\r\n\r\n")
+        slow.settimeout(0.3)
+        answer = b""
+        for byte in b'{"n": 1, "steps": 2, "seed":1}':
+            try:
+                slow.sendall(bytes([byte]))
+                answer += slow.recv(65536)
+            except (socket.timeout, OSError):
+                pass
+            if answer:
+                break
+        slow.close()
+        status, error = json_error_of(answer)
+        assert status == 408 and "did not arrive" in error
+        keep = http.client.HTTPConnection("127.0.0.1", s.port, timeout=10)  # an idle keep-alive connection
+        keep.request("GET", "/healthz")
+        assert keep.getresponse().read() and keep.sock is not None
+        time.sleep(2.5)
+        assert keep.sock.recv(1) == b""  # closed by the server
+        keep.close()
+        held = [socket.create_connection(("127.0.0.1", s.port)) for _ in range(6)]
+        time.sleep(0.2)
+        status, error = json_error_of(raw(s.port, b"", wait_s=5))
+        assert status == 503 and "too many connections" in error
+        for conn in held:
+            conn.close()
+        s.wait_for(lambda: s.post({"n": 1, "steps": 2})[0] == 200)
+    finally:
+        assert s.stop() == 0
+    assert "Traceback" not in s.log()
+
+
+def test_sigterm_past_the_grace_period_answers_503_json_and_exits_0(checkpoint, tmp_path):
+    s = Server(checkpoint, tmp_path, "--grace", "2")
+    answers, events = [], []
+    long = {"n": 2, "steps": 1000, "sampler": "ddpm"}
+    plain = threading.Thread(target=lambda: answers.append(s.post(long, timeout=120)))
+    streamed = threading.Thread(target=lambda: events.append(s.post(long, {"Accept": "text/event-stream"}, 120)))
+    plain.start()
+    streamed.start()
+    s.wait_for(lambda: s.metric("ddpm_active_slots") == 4)
+    s.process.send_signal(signal.SIGTERM)
+    plain.join(60)
+    streamed.join(60)
+    assert s.stop(sig=None) == 0
+    status, headers, data = answers[0]
+    assert status == 503 and headers["content-type"] == "application/json"
+    assert "grace" in json.loads(data)["error"]
+    assert events[0][0] == 200 and b"event: error" in events[0][2] and b"grace" in events[0][2]
+    log = s.log()
+    assert "Traceback" not in log and "terminate called" not in log
+
+
+def test_a_busy_port_fails_in_one_line_before_any_serving_line(server, checkpoint):
+    result = subprocess.run(
+        [sys.executable, "-m", "engine.apps.cli", "serve", "--checkpoint", str(checkpoint), "--device", "cpu",
+         "--backend", "eager", "--port", str(server.port)], capture_output=True, text=True, timeout=START_S,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 1 and "serving" not in result.stdout
+    ours = [line for line in result.stderr.splitlines() if line.startswith("ddpm-engine")]
+    assert len(ours) == 1 and "could not serve" in ours[0] and "Traceback" not in result.stderr
