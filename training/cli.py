@@ -10,13 +10,22 @@ from pathlib import Path
 
 from engine.apps.clitools import Parser, reported
 from engine.errors import ConfigError
-from training.config import CHOICES, DEFAULT_EPOCHS, FIELD_RANGES, KEPT_ON_RESUME, TrainConfig, saved_config
+from training.config import (
+    CHOICES,
+    COOLDOWN_FIELDS,
+    COOLDOWN_SHAPE,
+    DEFAULT_EPOCHS,
+    FIELD_RANGES,
+    KEPT_ON_RESUME,
+    TrainConfig,
+    saved_config,
+)
 from training.prepare import OtherRankFailed
 from training.train import train
 
 EXAMPLES = """examples:
   # a CPU smoke run (a few minutes), then sample from it
-  ddpm-train --preset tiny --dataset synthetic --steps 800 --batch-size 32 --lr 2e-3 \
+  ddpm-train --preset tiny --dataset synthetic --steps 800 --batch-size 32 --lr 2e-3 \\
       --warmup-multiplier 1 --warmup-epochs 2 --out runs/tiny
   ddpm-engine sample --checkpoint runs/tiny/model.safetensors -n 20 --out samples
 
@@ -32,6 +41,12 @@ EXAMPLES = """examples:
   # an image folder (one sub-folder per class) with a plain linear warm-up to 2e-4
   ddpm-train --preset cifar10-compact --dataset folder --data-dir cifar10-jpeg/train \\
       --lr 2e-4 --warmup-multiplier 1 --warmup-epochs 10 --lr-schedule constant --out runs/jpeg
+
+  # cool a copy of that constant-rate run from its checkpoint at step 50000 to 0 over 10000 steps;
+  # runs/jpeg stays as it is, to go on and be cooled again later
+  cp -r runs/jpeg runs/jpeg-cooled
+  ddpm-train --out runs/jpeg-cooled --resume --lr-schedule cooldown --cooldown-start 50000 \\
+      --cooldown-steps 10000
 """
 
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
@@ -96,7 +111,8 @@ def add_run_flags(parser: Parser) -> None:
     run.add_argument("--seed", **field("seed"), help=f"default: {d['seed']}")
     run.add_argument("--resume", action="store_true",
                      help="continue the run in --out from its last checkpoint (starts one if there is none), with "
-                          "its settings: hyper-parameters (given again, they must be equal), --data-dir, "
+                          "its settings: hyper-parameters (given again, they must be equal; but a constant-rate run "
+                          "may become a --lr-schedule cooldown), --data-dir, "
                           "--precision and the --checkpoint/log/sample/fid settings (given again, the new value "
                           "holds) and its length unless --steps/--epochs is given; --device, --compile and "
                           "--time-limit are this invocation's")
@@ -112,7 +128,19 @@ def add_recipe_flags(parser: Parser) -> None:
     recipe.add_argument("--warmup-epochs", **field("warmup_epochs"),
                         help="length of the ramp in (fractional) epochs (default: a tenth of the run)")
     recipe.add_argument("--lr-schedule", choices=CHOICES["lr_schedule"], default=None,
-                        help=f"after the warm-up (default: {d['lr_schedule']}, to 0 at the end)")
+                        help=f"after the warm-up: constant, cosine (to 0 at the end) or cooldown (constant, "
+                             f"then to 0 from --cooldown-start over --cooldown-steps, where the run ends; a "
+                             f"constant-rate run can be resumed as one, from its last checkpoint on) "
+                             f"(default: {d['lr_schedule']})")
+    recipe.add_argument("--cooldown-start", **field("cooldown_start"),
+                        help="the step where the cooldown's decay begins")
+    recipe.add_argument("--cooldown-steps", **field("cooldown_steps"),
+                        help="the decay's length in steps: the rate reaches 0 at --cooldown-start + this, the "
+                             "run's end")
+    recipe.add_argument("--cooldown-shape", choices=CHOICES["cooldown_shape"], default=None,
+                        help=f"the decay over the cooldown's progress p: lr * (1 - sqrt(p)) or lr * (1 - p) "
+                             f"(default: {COOLDOWN_SHAPE}, which Hägele et al. 2024 found to match or beat "
+                             f"linear)")
     recipe.add_argument("--weight-decay", **field("weight_decay"),
                         help=f"AdamW weight decay (default: {d['weight_decay']})")
     recipe.add_argument("--grad-clip", **field("grad_clip"),
@@ -189,6 +217,10 @@ def make_config(args: argparse.Namespace) -> TrainConfig:
             raise ConfigError("--preset and --dataset are required for a new run")
         return TrainConfig(**given)
     keep = {k: saved[k] for k in KEPT_ON_RESUME if k in saved and k not in given}
+    if (keep | given).get("lr_schedule", DEFAULTS["lr_schedule"]) == "cooldown":
+        return TrainConfig(**(keep | given))  # its length is where its decay ends (resolve)
+    # A cooldown run resumed with another schedule is refused for that schedule, not for its cooldown.
+    keep = {k: v for k, v in keep.items() if k not in COOLDOWN_FIELDS}
     if "steps" not in given and "epochs" not in given:
         keep["steps"] = saved.get("steps")
     return TrainConfig(**(keep | given))

@@ -14,6 +14,9 @@ from training.data import DATASETS
 from training.state import STATE_FILE, StateError, read_train_config
 
 DEFAULT_EPOCHS = 200  # the report's run length when neither --steps nor --epochs is given
+# The cooldown's default shape: Hägele et al. 2024 ("Scaling Laws and Compute-Optimal Training Beyond
+# Fixed Training Durations") found the 1-sqrt decay matches or beats the linear one.
+COOLDOWN_SHAPE = "1-sqrt"
 
 
 @dataclass(frozen=True)
@@ -28,7 +31,10 @@ class TrainConfig:
     lr: float = 1e-4                    # base_lr of Eq. 6
     warmup_multiplier: float = 2.0      # the peak rate is base_lr * multiplier
     warmup_epochs: float | None = None  # None: a tenth of the run
-    lr_schedule: str = "cosine"         # after the warm-up: "constant" or "cosine" (to 0 at the end)
+    lr_schedule: str = "cosine"         # after the warm-up: "constant", "cosine" (to 0 at the end) or "cooldown"
+    cooldown_start: int | None = None   # "cooldown": constant until this step, then the decay
+    cooldown_steps: int | None = None   # its length: the rate reaches 0 at start + steps, the run's end
+    cooldown_shape: str | None = None   # its shape, "1-sqrt" or "linear"; None: COOLDOWN_SHAPE
     weight_decay: float = 1e-4
     grad_clip: float = 1.0
     p_uncond: float = 0.1               # probability of replacing a label by the null class
@@ -55,12 +61,16 @@ class TrainConfig:
     resume: bool = False
 
 
-# The fields that define a run: a resumed run must keep them.
+COOLDOWN_FIELDS = ("cooldown_start", "cooldown_steps", "cooldown_shape")  # given with --lr-schedule cooldown only
+# The fields that define a run: a resumed run must keep them, with one exception (prepare.check_resume):
+# a constant-rate run may be resumed as a cooldown that starts at or after its step, since a cooldown's
+# rate before its start is the constant one.
 HYPERPARAMETERS = ("preset", "dataset", "batch_size", "lr", "warmup_multiplier", "warmup_epochs", "lr_schedule",
-                   "weight_decay", "grad_clip", "p_uncond", "ema_decay", "min_snr_gamma", "dropout", "seed")
+                   *COOLDOWN_FIELDS, "weight_decay", "grad_clip", "p_uncond", "ema_decay", "min_snr_gamma",
+                   "dropout", "seed")
 # What --resume takes from the saved run unless given again: the hyper-parameters, where the data
 # is, and how the run checkpoints, logs, samples and scores. Not kept: the length (kept unless
-# --steps/--epochs is given), --device, --compile, --time-limit and the progress bar, which
+# --steps/--epochs is given; a cooldown's is where its decay ends), --device, --compile, --time-limit and the progress bar, which
 # belong to one invocation.
 KEPT_ON_RESUME = HYPERPARAMETERS + ("data_dir", "checkpoint_every", "log_every", "sample_every", "sample_steps",
                                     "sample_sampler", "fid_every", "fid_samples", "fid_ref", "precision",
@@ -116,12 +126,13 @@ FIELD_RANGES = {
     "dropout": Range(float, 0, 1, hi_open=True), "min_snr_gamma": Range(float, 0, lo_open=True),
     "checkpoint_every": Range(int, 1), "sample_every": Range(int, 0), "sample_steps": Range(int, 1),
     "log_every": Range(int, 1), "fid_every": Range(int, 0), "fid_samples": Range(int, 2),
-    "time_limit": Range(float, 0, lo_open=True),
+    "time_limit": Range(float, 0, lo_open=True), "cooldown_start": Range(int, 0), "cooldown_steps": Range(int, 1),
 }
-CHOICES = {"preset": tuple(PRESETS), "dataset": DATASETS, "lr_schedule": ("constant", "cosine"),
-           "precision": ("auto", "fp32", "bf16"), "sample_sampler": ("ddim", "dpm++2m")}
+CHOICES = {"preset": tuple(PRESETS), "dataset": DATASETS, "lr_schedule": ("constant", "cosine", "cooldown"),
+           "cooldown_shape": ("1-sqrt", "linear"), "precision": ("auto", "fp32", "bf16"),
+           "sample_sampler": ("ddim", "dpm++2m")}
 OPTIONAL = ("steps", "epochs", "warmup_epochs", "dropout", "min_snr_gamma", "time_limit", "data_dir", "init_from",
-            "fid_ref", "ema_long_decay")
+            "fid_ref", "ema_long_decay", *COOLDOWN_FIELDS)
 
 
 def check_config(config: TrainConfig, processes: int = 1) -> None:
@@ -138,8 +149,26 @@ def check_config(config: TrainConfig, processes: int = 1) -> None:
         problems.append(f"--batch-size {config.batch_size} must be a multiple of the {processes} processes")
     if config.fid_every and not config.fid_ref:
         problems.append("--fid-every needs --fid-ref STATS.npz (write one with ddpm-engine fid-ref)")
+    problems += cooldown_problems(config)
     if problems:
         raise ConfigError("; ".join(problems))
+
+
+def cooldown_problems(config: TrainConfig) -> list[str]:
+    """The rules of --lr-schedule cooldown: its start and length are given, and only with it, and the
+    run ends where the decay does."""
+    stray = [name for name in COOLDOWN_FIELDS if getattr(config, name) is not None]
+    if config.lr_schedule != "cooldown":
+        return [f"--{stray[0].replace('_', '-')} needs --lr-schedule cooldown"] if stray else []
+    if config.cooldown_start is None or config.cooldown_steps is None:
+        return ["--lr-schedule cooldown needs --cooldown-start STEP and --cooldown-steps N"]
+    if type(config.cooldown_start) is not int or type(config.cooldown_steps) is not int:
+        return []  # reported by their ranges
+    end = config.cooldown_start + config.cooldown_steps
+    if config.epochs is not None or config.steps not in (None, end):
+        return [(f"a cooldown run ends where its decay does, at step {end} (--cooldown-start + --cooldown-steps): "
+                 f"give no --steps/--epochs, or --steps {end}")]
+    return []
 
 
 def field_problem(field: dataclasses.Field, value: object) -> str | None:
@@ -161,6 +190,8 @@ def resolve(config: TrainConfig, dataset_size: int, preset: ModelConfig) -> tupl
     """Fill in the defaults that depend on the data; returns (config, total steps)."""
     if config.steps is not None:
         total = config.steps
+    elif config.lr_schedule == "cooldown":
+        total = config.cooldown_start + config.cooldown_steps  # the run ends with its decay
     else:
         epochs = config.epochs if config.epochs is not None else DEFAULT_EPOCHS
         total = math.ceil(epochs * dataset_size / config.batch_size)
@@ -168,7 +199,8 @@ def resolve(config: TrainConfig, dataset_size: int, preset: ModelConfig) -> tupl
     config = dataclasses.replace(
         config, steps=total, epochs=None,
         warmup_epochs=config.warmup_epochs if config.warmup_epochs is not None else total_epochs / 10,
-        dropout=config.dropout if config.dropout is not None else preset.dropout)
+        dropout=config.dropout if config.dropout is not None else preset.dropout,
+        cooldown_shape=config.cooldown_shape or (COOLDOWN_SHAPE if config.lr_schedule == "cooldown" else None))
     return config, total
 
 

@@ -19,7 +19,7 @@ from engine.evaluation import fid
 from engine.formats.checkpoint import expected_shapes, load_checkpoint
 from engine.formats.images import check_writable
 from engine.model import UNet
-from training.config import HYPERPARAMETERS, TrainConfig, check_config, resolve, with_defaults
+from training.config import COOLDOWN_FIELDS, HYPERPARAMETERS, TrainConfig, check_config, resolve, with_defaults
 from training.data import Dataset, load_dataset
 from training.recipe import get_lr
 from training.state import STATE_FILE, StateError, TrainingState, load_state
@@ -114,9 +114,16 @@ def load_data(config: TrainConfig, preset: ModelConfig, procs: World) -> Dataset
 
 
 def check_resume(config: TrainConfig, kept: dict, start: int, dataset_size: int, is_main: bool) -> None:
-    """Refuse a resumed run whose hyper-parameters differ from the saved ones; warn (one line) when
-    a new length changes the learning-rate schedule still to come."""
+    """Refuse a resumed run whose hyper-parameters differ from the saved ones, except a constant-rate
+    run resumed as a cooldown (a branch, in a copy of its folder); warn (one line) when a new length
+    changes the learning-rate schedule still to come."""
+    branch = kept["lr_schedule"] == "constant" and config.lr_schedule == "cooldown"
+    if branch and config.cooldown_start < start:
+        raise StateError(f"--cooldown-start {config.cooldown_start} is before the run's step {start}: a cooldown of "
+                         f"a constant-rate run starts at or after its last checkpoint")
     for key in HYPERPARAMETERS:
+        if branch and key in ("lr_schedule", *COOLDOWN_FIELDS):
+            continue  # the rates so far are the cooldown's before its start: the history fits
         if getattr(config, key) != kept[key]:
             raise StateError(f"--{key.replace('_', '-')} {getattr(config, key)} differs from the run's "
                              f"{kept[key]}; a resumed run keeps its settings")

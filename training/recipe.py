@@ -1,6 +1,6 @@
-"""The report's recipe as plain functions: the Eq. 6 warm-up and the decay after it, the EMA, the
-data order, each step's random draws (classifier-free guidance by label dropping, flips, timesteps,
-noise, dropout masks) and the optimisation step.
+"""The report's recipe as plain functions: the Eq. 6 warm-up and the decay after it (or a cooldown
+from a chosen step), the EMA, the data order, each step's random draws (classifier-free guidance by
+label dropping, flips, timesteps, noise, dropout masks) and the optimisation step.
 
 Reproducibility: every random draw of step s is made from the default generator reseeded
 with (seed, s), for the GLOBAL batch, identically on every rank; each rank then takes its
@@ -25,19 +25,40 @@ from engine.model import swap_modules
 from training.config import TrainConfig
 
 
-def get_lr(epoch: float, config: TrainConfig, total_epochs: float) -> float:
-    """Learning rate at a fractional epoch (step / steps_per_epoch)."""
+def get_lr(epoch: float, config: TrainConfig, total_epochs: float, step: int | None = None) -> float:
+    """Learning rate at a fractional epoch (step / steps_per_epoch) of a run of `total_epochs`; a
+    cooldown also needs the step itself (its decay is counted in steps)."""
+    warm = config.warmup_epochs or 0
+    if config.lr_schedule == "cooldown":
+        if step is None:
+            raise ValueError("a cooldown's rate depends on the step: pass step")
+        # Warmup-stable-decay: the constant schedule's rate, times a decay counted in steps.
+        return constant_lr(epoch, config) * cooldown_factor(step, config)
+    if config.lr_schedule == "constant" or epoch <= warm:
+        return constant_lr(epoch, config)
+    # Cosine decay from the peak at the end of the warm-up to 0 at the end of the run.
+    peak = config.lr * config.warmup_multiplier
+    progress = min((epoch - warm) / max(total_epochs - warm, 1e-12), 1.0)
+    return peak * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def constant_lr(epoch: float, config: TrainConfig) -> float:
+    """The warm-up's rate, then its peak base_lr * multiplier."""
     base, multiplier, warm = config.lr, config.warmup_multiplier, config.warmup_epochs
     if warm and epoch <= warm:
         if multiplier == 1:
             return base * epoch / warm  # plain linear warm-up from 0 (Ho et al. 2020)
         return base * ((multiplier - 1) * epoch / warm + 1)  # the report's Eq. 6
-    peak = base * multiplier
-    if config.lr_schedule == "constant":
-        return peak
-    # Cosine decay from the peak at the end of the warm-up to 0 at the end of the run.
-    progress = min((epoch - (warm or 0)) / max(total_epochs - (warm or 0), 1e-12), 1.0)
-    return peak * 0.5 * (1 + math.cos(math.pi * progress))
+    return base * multiplier
+
+
+def cooldown_factor(step: int, config: TrainConfig) -> float:
+    """The cooldown's decay of the rate at `step`: 1 until cooldown_start, then down to 0 over
+    cooldown_steps, as 1 - p or 1 - sqrt(p) of the progress p (Hägele et al. 2024)."""
+    progress = min(max(step - config.cooldown_start, 0) / config.cooldown_steps, 1.0)
+    if config.cooldown_shape == "linear":
+        return 1 - progress
+    return 1 - math.sqrt(progress)
 
 
 def ema_decay_at(step: int, decay: float, warmup: bool = True) -> float:

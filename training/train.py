@@ -208,7 +208,7 @@ def train_step(step: int, run: Run, procs: World, models: Models, data: OnDevice
                                      data.diffusion.num_timesteps, procs.rank, procs.size, data.memory_format)
     loss, grad_norm = optimize(
         models.net, models.model, models.ema, models.optimizer, x0, y, t, noise, data.alpha_bar, data.bf16,
-        lr=get_lr(run.epoch(step), config, run.epoch(run.total_steps)), grad_clip=config.grad_clip,
+        lr=get_lr(run.epoch(step), config, run.epoch(run.total_steps), step), grad_clip=config.grad_clip,
         ema_beta=ema_decay_at(step, config.ema_decay, config.ema_warmup), min_snr_gamma=config.min_snr_gamma)
     if models.ema_long is not None:
         update_ema(models.ema_long, models.model, ema_decay_at(step, config.ema_long_decay, config.ema_warmup))
@@ -224,5 +224,5 @@ def log_row(step: int, run: Run, procs: World, models: Models, data: OnDevice, p
     score = ""
     if evaluate:
         score = f"{evaluate_fid(models.ema, run.model_config, data.diffusion, config, data.device, *run.fid):.3f}"
-    progress.write(done, run.epoch(done), get_lr(run.epoch(step), config, run.epoch(run.total_steps)), loss, grad_norm,
+    progress.write(done, run.epoch(done), get_lr(run.epoch(step), config, run.epoch(run.total_steps), step), loss, grad_norm,
                    ema_decay_at(step, config.ema_decay, config.ema_warmup), images_per_s, score)

@@ -1,6 +1,7 @@
-"""The recipe's arithmetic: Eq. 6 warm-up, cosine decay, EMA, data order, dropout slicing."""
+"""The recipe's arithmetic: Eq. 6 warm-up, cosine decay, cooldown, EMA, data order, dropout slicing."""
 
 import dataclasses
+import itertools
 
 import pytest
 import torch
@@ -34,7 +35,7 @@ def test_after_warmup_constant_and_cosine():
     assert get_lr(55.0, cosine, 105.0) == pytest.approx(1e-4)  # half-way: half the peak
     assert get_lr(105.0, cosine, 105.0) == pytest.approx(0.0, abs=1e-15)
     values = [get_lr(e, cosine, 105.0) for e in torch.linspace(5.0, 105.0, 50).tolist()]
-    assert all(a >= b for a, b in zip(values, values[1:]))
+    assert all(a >= b for a, b in itertools.pairwise(values))
 
 
 def test_multiplier_one_is_linear_warmup_from_zero():
@@ -48,6 +49,38 @@ def test_multiplier_one_is_linear_warmup_from_zero():
 def test_no_warmup():
     none = dataclasses.replace(BASE, warmup_epochs=0.0)
     assert get_lr(0.0, none, 10.0) == pytest.approx(2e-4)
+
+
+@pytest.mark.parametrize("shape, decay", [("1-sqrt", lambda p: 1 - p ** 0.5), ("linear", lambda p: 1 - p)])
+def test_cooldown_is_the_constant_rate_then_its_decay_to_zero(shape, decay):
+    # 25 steps an epoch; a warm-up of 10 steps, constant until step 40, down to 0 at step 60, the end.
+    cooldown = dataclasses.replace(BASE, warmup_epochs=0.4, lr_schedule="cooldown", cooldown_start=40,
+                                   cooldown_steps=20, cooldown_shape=shape, steps=60)
+    constant = dataclasses.replace(BASE, warmup_epochs=0.4, steps=60)
+
+    def lr(step, config=cooldown):
+        return get_lr(step / 25, config, 60 / 25, step)
+
+    for step in range(40):  # the warm-up and the peak: the constant schedule's rates, exactly
+        assert lr(step) == lr(step, constant)
+    assert lr(39) == lr(40) == 2e-4
+    for step in range(40, 61):
+        assert lr(step) == pytest.approx(2e-4 * decay((step - 40) / 20), rel=1e-12, abs=1e-20), step
+    assert lr(50) == pytest.approx(2e-4 * (1 - 0.5 ** 0.5) if shape == "1-sqrt" else 1e-4)  # half-way
+    assert lr(59) > 0 and lr(60) == 0 and lr(75) == 0  # the last step still learns; none is past the end
+    values = [lr(step) for step in range(40, 61)]
+    assert all(a > b for a, b in itertools.pairwise(values))
+
+
+def test_cooldown_counts_steps_however_many_make_an_epoch():
+    # 50,000 images, batch 32: an epoch is not a whole number of steps; the decay reads the step itself.
+    config = dataclasses.replace(BASE, warmup_epochs=1.0, lr_schedule="cooldown", cooldown_start=123_457,
+                                 cooldown_steps=9_999, cooldown_shape="linear", steps=133_456)
+    for step in (123_456, 123_457, 123_458, 128_000, 133_455, 133_456):
+        got = get_lr(step * 32 / 50_000, config, 133_456 * 32 / 50_000, step)
+        assert got == 2e-4 * (1 - min(max(step - 123_457, 0) / 9_999, 1.0)), step
+    with pytest.raises(ValueError, match="step"):
+        get_lr(1.0, config, 2.0)
 
 
 def test_ema_decay_warmup_and_lerp():

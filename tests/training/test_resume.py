@@ -60,16 +60,28 @@ def test_resume_with_another_length_warns_once_about_the_cosine_schedule(tmp_pat
     ({"steps": True}, "--steps 'True' is not a number"),
     ({"p_uncond": float("nan")}, "--p-uncond nan is not a finite number"),
     ({"ema_decay": 1.0}, "--ema-decay 1 is out of range [0, 1)"),
-    ({"lr_schedule": "linear"}, "--lr-schedule 'linear' is not one of constant, cosine"),
+    ({"lr_schedule": "linear"}, "--lr-schedule 'linear' is not one of constant, cosine, cooldown"),
     ({"preset": None}, "--preset 'None' is not one of"),
     ({"compile": "yes"}, "--compile 'yes' is not a flag"),
     ({"steps": 5, "epochs": 2.0}, "not both"),
     ({"fid_every": 5}, "--fid-every needs --fid-ref"),
+    ({"lr_schedule": "cooldown", "cooldown_start": 10, "cooldown_steps": 0}, "--cooldown-steps 0 is out of range [1, inf]"),
+    ({"lr_schedule": "cooldown", "cooldown_start": -1, "cooldown_steps": 5}, "--cooldown-start -1 is out of range [0, inf]"),
+    ({"lr_schedule": "cooldown", "cooldown_start": 10, "cooldown_steps": 5, "cooldown_shape": "cubic"},
+     "--cooldown-shape 'cubic' is not one of 1-sqrt, linear"),
+    ({"lr_schedule": "cooldown", "cooldown_steps": 5}, "--lr-schedule cooldown needs --cooldown-start STEP and --cooldown-steps N"),
+    ({"lr_schedule": "cooldown", "cooldown_start": 10}, "--lr-schedule cooldown needs --cooldown-start STEP and"),
+    ({"cooldown_start": 10, "cooldown_steps": 5}, "--cooldown-start needs --lr-schedule cooldown"),
+    ({"lr_schedule": "constant", "cooldown_shape": "linear"}, "--cooldown-shape needs --lr-schedule cooldown"),
+    ({"lr_schedule": "cooldown", "cooldown_start": 10, "cooldown_steps": 5, "steps": 20},
+     "a cooldown run ends where its decay does, at step 15 (--cooldown-start + --cooldown-steps): give no --steps/--epochs, or --steps 15"),
+    ({"lr_schedule": "cooldown", "cooldown_start": 10, "cooldown_steps": 5, "epochs": 1.0}, "at step 15"),
 ])
 def test_check_config_refuses_bad_types_and_ranges(changes, message):
     config = dataclasses.replace(TrainConfig(preset="tiny", dataset="synthetic", out="x"), **changes)
-    with pytest.raises(ValueError, match=re.escape(message)):
+    with pytest.raises(ValueError, match=re.escape(message)) as e:
         check_config(config)
+    assert "\n" not in str(e.value)
 
 
 def test_flag_types_and_check_config_are_one_definition(capsys):
@@ -79,17 +91,19 @@ def test_flag_types_and_check_config_are_one_definition(capsys):
     assert set(FIELD_RANGES) == numeric
     actions = {a.dest: a for a in build_parser()._actions}
     base = TrainConfig(preset="tiny", dataset="synthetic", out="x")
+    cooldown = {"lr_schedule": "cooldown", "cooldown_start": 0, "cooldown_steps": 1}
     for name, values in FIELD_RANGES.items():
+        context = cooldown if name in cooldown else {}  # the cooldown's fields need its schedule
         outside = [values.lo - 1] + ([values.hi + 1] if values.hi is not None else [])
         outside.append(values.lo + 0.5 if values.kind is int else math.inf)
         for value in outside:
             with pytest.raises(argparse.ArgumentTypeError) as flag:
                 actions[name].type(str(value))
             with pytest.raises(ValueError, match=re.escape(f"--{name.replace('_', '-')} {flag.value}")):
-                check_config(dataclasses.replace(base, **{name: value}))
+                check_config(dataclasses.replace(base, **{**context, name: value}))
         inside = actions[name].type(str(values.lo + 0.5 if values.lo_open else values.lo))
         assert type(inside) is values.kind
-        check_config(dataclasses.replace(base, **{name: inside}, fid_ref="ref.npz"))
+        check_config(dataclasses.replace(base, **{**context, name: inside}, fid_ref="ref.npz"))
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--out", "x", "--p-uncond", "1.5"])
     assert "1.5 is out of range [0, 1]" in capsys.readouterr().err
