@@ -39,8 +39,9 @@ def image_progress(total_images: int, progress: bool, desc: str = "sampling") ->
 
 
 def advance_bar(bar: tqdm) -> Callable[[Request, int], None]:
-    """A Request.on_progress that moves `bar` by the images' fraction of their steps just taken."""
-    return lambda request, image_steps: bar.update(image_steps / request.num_steps)
+    """A Request.on_progress that moves `bar` by the images' fraction of their steps just taken (kept
+    within its total: fractions summed in floating point may pass it, which tqdm warns about)."""
+    return lambda request, image_steps: bar.update(min(image_steps / request.num_steps, bar.total - bar.n))
 
 
 def sample_tensor(engine: Engine, settings: SampleSettings, labels: torch.Tensor, keys: torch.Tensor,

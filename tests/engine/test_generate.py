@@ -82,3 +82,26 @@ def test_interpolation_rows_start_and_end_at_the_same_images(model):
         lerp, sl = rows[pair]
         assert np.abs(lerp[0].astype(int) - sl[0]).max() <= 1 and np.abs(lerp[-1].astype(int) - sl[-1]).max() <= 1
         assert not np.array_equal(lerp[1:-1], sl[1:-1])
+
+
+def test_the_progress_bar_never_passes_its_total():
+    """100 images of 15 steps in batches of 32 (`ddpm-engine sample`'s default): the fractions 32/15 and
+    4/15 sum past 100.0 in floating point; the bar stays within its total, so tqdm neither warns
+    ("clamping frac") nor shows a negative time left."""
+    import warnings
+
+    from tqdm import TqdmWarning
+
+    from engine.generate import advance_bar, image_progress
+
+    class Fifteen:
+        num_steps = 15
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TqdmWarning)
+        with image_progress(100, progress=True) as bar:
+            advance = advance_bar(bar)
+            for rows in [32] * 45 + [4] * 15:
+                advance(Fifteen, rows)
+                assert bar.n <= bar.total
+            assert bar.n == pytest.approx(100)
