@@ -7,7 +7,7 @@ each `--backend`.
               (engine.graphs); on the CPU only under TRITON_INTERPRET=1
     onnx      ONNX Runtime on an exported graph (a .onnx checkpoint, or exported on the fly)
     tensorrt  a .plan built by ddpm-export (CUDA and TensorRT only)
-    auto      fused on CUDA; on the CPU ONNX Runtime for long runs, else eager (measured below)
+    auto      fused on CUDA; on the CPU ONNX Runtime for long runs, else eager (why: below)
 
 Every backend takes float32 x and returns float32 eps, so the samplers run unchanged and
 the same seed gives the same images up to the precision used.
@@ -34,28 +34,17 @@ from engine.model import UNet, keep_float32_islands
 BACKENDS = ("auto", "fused", "eager", "compile", "onnx", "tensorrt")
 PRECISIONS = ("auto", *DTYPES)
 
-# The CPU's `auto`, from measurements (benchmarks/bench_runtimes.py; 2026-12-01 on this project's 2-core AMD
-# EPYC with AVX512-BF16, one run, interleaved rounds; min ms per image of a U-Net call):
-#   model (GFLOP/image)         U-Net batch   contiguous  eager (channels_last)  ONNX Runtime  eager bf16
-#   cifar10-cpu, 2.25M (0.73)        32          6.4           5.5                 5.4           5.5
-#                                    64          6.5           5.9                 5.1           4.3
-#                                   128          8.4           6.6                 5.6           4.1
-#   cifar10-compact, 6.5M (2.4)      16         20.0          18.9                18.0          14.5
-#                                    64         25.9          21.1                18.9          13.7
-#   ddpm-cifar10, 35.7M (12.4)        8         67.6          69.8                64.7          42.4
-#                                    16         68.8          66.1                65.7          40.2
-#                                    32         81.3          66.3                64.3          38.3
-# "contiguous" is the reference U-Net as diffusers runs it. In fp32 ONNX Runtime is the fastest or tied at every
-# size and batch, so fp32 `auto` is ONNX Runtime when onnxruntime is installed and the model's graph is cached
-# or the run has at least ONNX_MIN_IMAGE_STEPS (images x steps) to pay for exporting it (1-10 s), eager
-# otherwise. bf16 on a CPU with bf16 instructions is 1.2-1.7x ONNX Runtime's speed from U-Net batch 64 on
-# (and from the smallest batch on the paper's network); it runs eager (ONNX Runtime has no bf16 path here).
+# The CPU's `auto` follows the runtimes table (benchmarks/bench_runtimes.py; the numbers are in
+# benchmarks/results/2026-12-01-cpu-runtimes.md and docs/benchmarks.md): in fp32 ONNX Runtime was the
+# fastest or tied at every model size and batch, so fp32 `auto` is ONNX Runtime when onnxruntime is
+# installed and the model's graph is cached, or the run has at least ONNX_MIN_IMAGE_STEPS (images x
+# steps) to pay for exporting it; eager otherwise. bf16 (eager: ONNX Runtime has no bf16 path here) was
+# faster still on a CPU with bf16 instructions, from U-Net batch 64 on.
 ONNX_MIN_IMAGE_STEPS = 500
 # bf16 is not the CPU's default: its rounding costs FID, most under guidance ((1 + w) eps_c - w eps_u
-# amplifies it). The bundled model at 31,635 steps, the default sampler, 2,000 images, the same seeds
-# (engine/weights/README.md, "Precision"): w = 1.8 38.98 in bf16 against 34.3 in fp32; unguided (w = 0)
-# 44.12 against 43.21. Both are beyond the 0.5 FID that separates settings at n = 2,000 (the rule that
-# chose w), so `--precision bf16` is the speed option, and `auto` stays fp32 on the CPU.
+# amplifies it), by more than the 0.5 FID that separates settings at n = 2,000 (the rule that chose w),
+# guided and unguided (the model card's "Precision" table, engine/weights/README.md). So `--precision
+# bf16` is the speed option, and `auto` stays fp32 on the CPU.
 
 
 class BackendError(ConfigError):
@@ -66,8 +55,8 @@ class EagerModel(nn.Module):
     """The reference UNet in `dtype` (below fp32 a copy with float32 GroupNorm/embeddings), channels_last
     below fp32 and on the CPU (a copy there too: a memory layout, not a change of the model).
 
-    channels_last is where oneDNN's CPU convolutions are fastest: in fp32 up to 1.3x contiguous's speed
-    (0.97-1.27x by model and batch in the table above); fp32 on CUDA keeps the layout it was measured in."""
+    channels_last is where oneDNN's CPU convolutions are fastest in fp32 (the runtimes table:
+    benchmarks/results/2026-12-01-cpu-runtimes.md); fp32 on CUDA keeps the model's own layout."""
 
     def __init__(self, model: UNet, dtype: torch.dtype = torch.float32):
         super().__init__()
@@ -130,9 +119,8 @@ def interpreter_on() -> bool:
 
 def default_max_batch(device: torch.device) -> int:
     """Images in a step: 256 on a GPU, 32 on the CPU (a U-Net batch of 64 under guidance), where both
-    eager and ONNX Runtime have their lowest cost per image on our 2-core machine (the bundled model,
-    idle machine, benchmarks/results/2026-11-29-cpu-sample.md: ms per image and U-Net call at U-Net
-    batch 64 / 128 / 256: ONNX Runtime 4.6 / 4.9 / 5.7, eager 6.4 / 8.2 / 9.6)."""
+    eager and ONNX Runtime had their lowest cost per image on the project's 2-core machine (the bundled
+    model: benchmarks/results/2026-11-29-cpu-sample.md)."""
     return 256 if device.type != "cpu" else 32
 
 

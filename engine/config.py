@@ -206,7 +206,7 @@ PRESETS: dict[str, ModelConfig] = {
     "ddpm-cifar10": ModelConfig(),
     # The report's STL-10 setting: the same network on 64x64 images (attention at 16x16).
     "ddpm-stl10": ModelConfig(image_size=64),
-    # The model we ship: under 8M parameters.
+    # A compact CIFAR-10 network within an 8M-parameter budget (the bundled model is cifar10-cpu, below).
     "cifar10-compact": ModelConfig(ch=64, ch_mult=(1, 2, 2)),
     # The bundled model, trained on a 2-core CPU: 2.25M parameters, 0.73 GFLOP a forward; chosen by
     # the ablation in engine/weights/README.md (a 2x2 pixel-unshuffle stem and attention at 16x16 lost).

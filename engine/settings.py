@@ -202,7 +202,7 @@ def resolve_guidance(value: float | None, default: float, config: ModelConfig) -
     if value:
         why = ("this model is unconditional" if config.num_classes == 0
                else "this model has no learned null class (an imported class-conditional model)")
-        raise FieldError("guidance", f"must be 0: {why}")
+        raise FieldError("guidance", f"must be 0 ({why})")
     return 0.0
 
 

@@ -1,23 +1,32 @@
-"""Fixtures shared across the test tree."""
+"""Fixtures shared across the test tree: `make_checkpoint`, the one factory of test checkpoints, and the
+checkpoints most tests use, made with it."""
 
 import pytest
-import torch
 
 from engine.config import CIFAR10_CLASSES, PRESETS, DiffusionConfig
 from engine.formats.checkpoint import save_checkpoint
-from engine.model import UNet
+from tests.support import random_unet
 
 
 @pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory):
-    """The tiny preset with random weights, T = 100, CIFAR-10's class names. Random weights predict an eps
-    so large that x_0 saturates almost every pixel, and an image comparison would test nothing; a
-    smaller output layer keeps half of them in range."""
-    torch.manual_seed(0)
-    model = UNet(PRESETS["tiny"])
-    with torch.no_grad():
-        model.conv_out.weight.mul_(0.1)
-        model.conv_out.bias.mul_(0.1)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
-    save_checkpoint(path, model, DiffusionConfig(num_timesteps=100, beta_end=0.01), CIFAR10_CLASSES)
-    return path
+def make_checkpoint(tmp_path_factory):
+    """make_checkpoint(preset="tiny", diffusion=DiffusionConfig(), class_names=CIFAR10_CLASSES, quiet=True,
+    seed=0) -> the path of a .safetensors checkpoint of random weights (tests.support.random_unet), made
+    once per session for each distinct set of arguments."""
+    made = {}
+
+    def make(preset="tiny", diffusion=DiffusionConfig(), class_names=CIFAR10_CLASSES, quiet=True, seed=0):
+        key = (preset, diffusion, tuple(class_names), quiet, seed)
+        if key not in made:
+            path = tmp_path_factory.mktemp("ckpt") / f"{preset}.safetensors"
+            save_checkpoint(path, random_unet(PRESETS[preset], seed, quiet), diffusion, tuple(class_names))
+            made[key] = path
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(make_checkpoint):
+    """The tiny preset with random weights (output layer quieted), T = 100, CIFAR-10's class names."""
+    return make_checkpoint(diffusion=DiffusionConfig(num_timesteps=100, beta_end=0.01))

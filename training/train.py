@@ -104,10 +104,10 @@ def make_run_folder(out: Path) -> None:
 def autocast_bf16(precision: str, device: torch.device) -> bool:
     """Whether the forward runs under bf16 autocast (master weights, AdamW and EMA stay float32).
 
-    auto: on CUDA, and on CPUs with bf16 instructions, where it gives the cifar10-cpu preset 1.54x
-    the images/s of fp32 (benchmarks/bench_train.py, batch 32, same run, 2026-11-29; ~62 -> ~94
-    images/s in the bundled model's run, whose loss stayed in its fp32 band). Sampling stays fp32 on the CPU
-    (engine.backends: guidance amplifies bf16's rounding); training's gradient noise dwarfs it."""
+    auto: on CUDA, and on CPUs with bf16 instructions, where it trains the cifar10-cpu preset faster than
+    fp32 (benchmarks/bench_train.py; benchmarks/results/2026-11-29-cpu-train-2.md), and the bundled model's
+    loss stayed in its fp32 band. Sampling stays fp32 on the CPU (engine.backends: guidance amplifies
+    bf16's rounding); training's gradient noise dwarfs it."""
     if precision == "auto":
         return device.type == "cuda" or (device.type == "cpu" and native_cpu_bf16())
     return precision == "bf16"

@@ -30,8 +30,8 @@ from engine.backends import BACKENDS, PRECISIONS, build_engine
 from engine.config import PRESETS
 from engine.evaluation.classifier import BUNDLED_CLASSIFIER, load_classifier, recognition
 from engine.evaluation.datasets import SPLITS, ImageSource, open_images
-from engine.evaluation.fid import BACKENDS as FID_BACKENDS
 from engine.evaluation.fid import (
+    INCEPTION_BACKENDS,
     NO_CLASSIFIER,
     PREPROCESSING,
     InceptionNetwork,
@@ -118,7 +118,7 @@ def evaluation_flags(p: argparse.ArgumentParser) -> None:
                    help="the Inception TorchScript file (default: $DDPM_INCEPTION, else the one the "
                         "`eval` extra installs); NVIDIA's inception-2015-12-05.pt also gives IS")
     p.add_argument("--batch-size", type=int_range(1), default=8, help="images per network call (default: 8)")
-    p.add_argument("--backend", choices=FID_BACKENDS, default="auto",
+    p.add_argument("--backend", choices=INCEPTION_BACKENDS, default="auto",
                    help="auto = ONNX Runtime on the CPU when installed, else TorchScript (default: auto)")
     p.add_argument("--device", default="cpu", help="cpu, auto or cuda[:k] (default: cpu)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")

@@ -181,7 +181,7 @@ class Metrics:
             self.images_per_s)
         self._lock = threading.Lock()
 
-    def on_step(self, rows: int, seconds: float) -> None:
+    def on_step(self, rows: int) -> None:
         self.batch.observe(rows)
         self.steps.inc()
 
@@ -211,7 +211,7 @@ class Service:
     def _run(self) -> None:
         def timed(rows: int, seconds: float) -> None:
             self.step_s = 0.9 * self.step_s + 0.1 * seconds if self.step_s else seconds
-            self.metrics.on_step(rows, seconds)
+            self.metrics.on_step(rows)
 
         self.engine.on_step = timed
         try:

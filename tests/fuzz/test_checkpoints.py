@@ -107,8 +107,8 @@ def outputs(tmp_path):
 
 
 @pytest.mark.parametrize("name, make, message", CHECKPOINTS + SIZES, ids=[c[0] for c in CHECKPOINTS + SIZES])
-def test_crafted_checkpoint(refused, outputs, tiny_checkpoint, no_model_built, name, make, message):
-    path = make(outputs, tiny_checkpoint)
+def test_crafted_checkpoint(refused, outputs, fuzz_checkpoint, no_model_built, name, make, message):
+    path = make(outputs, fuzz_checkpoint)
     seconds = 2.0 if (name, make, message) in SIZES else None
     refused(engine_main, sample_argv(path, outputs), outputs, message, seconds)
     refused(export_main, ["--checkpoint", path, "--out", outputs / "out.onnx"], outputs, message, seconds)

@@ -34,11 +34,11 @@ SAMPLE = [
 
 
 @pytest.mark.parametrize("flags, message", SAMPLE, ids=[f"{f[0]}={f[1][:12]}" for f, _ in SAMPLE])
-def test_sample_flags(refused, tmp_path, tiny_checkpoint, flags, message):
+def test_sample_flags(refused, tmp_path, fuzz_checkpoint, flags, message):
     (tmp_path / "samples").mkdir()
     (tmp_path / "samples" / "grid.png").write_bytes(b"an earlier grid")
     defaults = {"-n": "2", "--steps": "1"}
-    argv = ["sample", "--checkpoint", tiny_checkpoint[0], "--device", "cpu", "--no-progress",
+    argv = ["sample", "--checkpoint", fuzz_checkpoint[0], "--device", "cpu", "--no-progress",
             "--out", tmp_path / "samples", *flags]
     for flag, value in defaults.items():
         if flag not in flags:
@@ -55,10 +55,10 @@ EXPORT = [
 
 
 @pytest.mark.parametrize("flags, message", EXPORT, ids=[f"{f[0]}={f[1][:12]}" for f, _ in EXPORT])
-def test_export_flags(refused, tmp_path, tiny_checkpoint, flags, message):
+def test_export_flags(refused, tmp_path, fuzz_checkpoint, flags, message):
     (tmp_path / "out.onnx").write_bytes(b"an earlier export")
     out = [] if "--out" in flags else ["--out", tmp_path / "out.onnx"]
-    err = refused(export_main, ["--checkpoint", tiny_checkpoint[0], *out, *flags], tmp_path, message)
+    err = refused(export_main, ["--checkpoint", fuzz_checkpoint[0], *out, *flags], tmp_path, message)
     assert len(err) < 400
 
 

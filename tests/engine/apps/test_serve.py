@@ -21,30 +21,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 pytest.importorskip("starlette", reason="the serve extra (pip install -e '.[serve]')")
 pytest.importorskip("uvicorn", reason="the serve extra (pip install -e '.[serve]')")
 
 from engine.apps.cli import build_parser, main  # noqa: E402
-from engine.config import PRESETS, DiffusionConfig  # noqa: E402
-from engine.formats.checkpoint import save_checkpoint  # noqa: E402
-from engine.model import UNet  # noqa: E402
 
 CLASSES = tuple(f"shape{k}" for k in range(10))
 START_S = 90  # a server's start-up (imports, model) on a loaded 2-core machine
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    model = UNet(PRESETS["tiny"]).eval()
-    with torch.no_grad():  # keep random-weight images off the clipping rails
-        model.conv_out.weight.mul_(0.1)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
-    save_checkpoint(path, model, DiffusionConfig(), CLASSES)
-    return path
+def checkpoint(make_checkpoint):
+    return make_checkpoint(class_names=CLASSES)
 
 
 def free_port() -> int:

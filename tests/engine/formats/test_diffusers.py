@@ -352,7 +352,7 @@ def test_sample_an_unconditional_diffusers_folder(tmp_path, capsys):
     diffusers_folder(CONFIGS["attention-at-two-resolutions"], folder, {**DDPM_SCHEDULER, "num_train_timesteps": 20})
     common = ["--checkpoint", str(folder), "--device", "cpu", "--no-progress", "--steps", "2", "-n", "2"]
     assert main(["sample", *common, "--guidance", "1", "--out", str(tmp_path / "a")]) == 1
-    assert "this model is unconditional: --guidance must be 0" in capsys.readouterr().err
+    assert "--guidance: must be 0 (this model is unconditional)" in capsys.readouterr().err
     assert main(["sample", *common, "--classes", "0", "--out", str(tmp_path / "b")]) == 1
     assert "unconditional" in capsys.readouterr().err
     assert main(["sample", *common, "--out", str(tmp_path / "c")]) == 0  # guidance defaults to 0 here
