@@ -11,7 +11,11 @@ a warm-up, then a measured window. Rows (see benchmarks/conftest.py's `record`):
 - what="offline": the same images from the same checkpoint and backend with no server: the engine
   run in-process as `ddpm-engine sample` runs it (engine.generate.generate), images/s;
 - what="beside-big": engine steps between the arrival of a 1-image request and its answer while a
-  big request fills the batch (the issue's bound for step admission: 2 S + 2), both admissions.
+  big request fills the batch (the issue's bound for step admission: 2 S + 2), both admissions;
+- what="big-in-stream": a 16-image request's latency alone and in a steady stream of 1-image requests
+  from enough clients to keep the batch full, and their ratio, both admissions (the bound of step
+  admission, which never passes a request over for a younger one: 5x its solo engine steps,
+  tests/engine/test_core.py).
 
 Full mode (DDPM_BENCH_FULL=1): the bundled model, the default backend (ONNX Runtime on the CPU) and
 sampler, 15 s warm-up and 40-90 s windows. Quick mode (CI): a tiny random model, eager, 4 steps,
@@ -272,4 +276,50 @@ def test_small_request_beside_a_big_one(record, checkpoint, admission):
                timing=Timing(seconds * 1e3, seconds * 1e3, seconds * 1e3, 0.0, 1), steps=steps,
                engine_steps_waited=int(waited), bound=2 * steps + 2, big_request_images=big_n)
     finally:
+        s.stop()
+
+
+@pytest.mark.parametrize("admission", ["step", "request"])
+def test_big_request_in_a_stream_of_small_ones(record, checkpoint, admission):
+    """A 16-image request alone, then in a closed-loop stream of 1-image requests from as many clients
+    as the batch has slots (the stream keeps it full): its latency both ways, same server."""
+    s = Served(checkpoint, "--admission", admission)
+    stop, done = threading.Event(), []
+
+    def client():
+        while not stop.is_set():
+            c = s.connection()
+            try:
+                c.request("POST", "/v1/images", body=json.dumps({**BODY, "n": 1}).encode())
+                c.getresponse().read()
+                done.append(time.monotonic())
+            finally:
+                c.close()
+
+    def big_request() -> float:
+        c = s.connection()
+        start = time.perf_counter()
+        c.request("POST", "/v1/images", body=json.dumps({**BODY, "n": 16}).encode())
+        assert len(json.loads(c.getresponse().read())["images"]) == 16
+        c.close()
+        return time.perf_counter() - start
+
+    try:
+        big_request()  # warm-up
+        solo = [big_request() for _ in range(2)]
+        clients = [threading.Thread(target=client, daemon=True) for _ in range(int(s.metric("ddpm_max_slots")))]
+        for t in clients:
+            t.start()
+        time.sleep(WARMUP_S)
+        in_stream = [big_request() for _ in range(2)]
+        stop.set()
+        for t in clients:
+            t.join(600)
+        solo_s, stream_s = statistics.median(solo), statistics.median(in_stream)
+        record(what="big-in-stream", backend=s.engine, batch=int(s.metric("ddpm_max_slots")), admission=admission,
+               timing=Timing(stream_s * 1e3, min(in_stream) * 1e3, max(in_stream) * 1e3, 0.0, len(in_stream)),
+               solo_s=round(solo_s, 3), in_stream_s=round(stream_s, 3), ratio=round(stream_s / solo_s, 2),
+               small_answered=len(done))
+    finally:
+        stop.set()
         s.stop()
