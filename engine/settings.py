@@ -48,7 +48,7 @@ class SampleSettings:
         default = {"ddpm": num_timesteps, "dpm++2m": DPM_STEPS}.get(self.sampler, DDIM_STEPS)
         steps = self.steps or default
         if self.steps is not None and self.steps > num_timesteps:
-            raise FieldError("steps", f"{self.steps} exceeds the model's T = {num_timesteps}")
+            raise FieldError("steps", f"{shown(self.steps)} exceeds the model's T = {num_timesteps}")
         return min(steps, num_timesteps)
 
     def plan(self, diffusion: DiffusionConfig, device: torch.device | str = "cpu") -> SamplerPlan:

@@ -142,7 +142,7 @@ def parse_job(body: object, ckpt: Checkpoint, max_images: int) -> Job:
         settings = SampleSettings(**values).check(ckpt.diffusion.num_timesteps)
         n = N_FIELD.check(body["n"]) if "n" in body else min(10 * len(classes), max_images)
         if n > max_images:
-            raise FieldError("n", f"{n} is out of range [1, {max_images}] (this server's --max-images)")
+            raise FieldError("n", f"{shown(n)} is out of range [1, {max_images}] (this server's --max-images)")
     except FieldError as e:
         raise BadRequest(422, str(e)) from None
     return Job(settings, classes, n, seed)

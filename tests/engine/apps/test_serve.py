@@ -265,16 +265,25 @@ def chromium() -> str | None:
     return None
 
 
-def test_the_page_fills_the_grid_in_a_real_browser(server, tmp_path):
+def fill_the_grid(port: int, folder: Path, token: str | None = None) -> tuple[list, list, list]:
+    """The page in a real headless Chromium: pick 3 classes, 3 images each, 5 steps, generate; (its rows,
+    its images' widths, the prompts it showed). With `token`, every prompt is answered with it."""
     playwright = pytest.importorskip("playwright.sync_api", reason="playwright (test extra) drives the browser")
     browser_path = chromium()
     if browser_path is None:
         pytest.skip("no Chromium on this machine (.ci/run installs the OS package `chromium`)")
+    prompts = []
+
+    def answer(dialog):
+        prompts.append(dialog.message)
+        dialog.accept(token or "")
+
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
         try:
             page = browser.new_page(viewport={"width": 900, "height": 520})
-            page.goto(f"http://127.0.0.1:{server.port}/")
+            page.on("dialog", answer)
+            page.goto(f"http://127.0.0.1:{port}/")
             page.wait_for_selector("#classes input")
             page.uncheck("#classes input[value='0']")  # classes 1, 2, 3 (0-3 are checked at first)
             page.fill("#per-class", "3")
@@ -285,11 +294,28 @@ def test_the_page_fills_the_grid_in_a_real_browser(server, tmp_path):
             page.wait_for_function("document.getElementById('status').textContent.includes('9 images in')")
             rows = page.eval_on_selector_all("#grid .row span", "spans => spans.map(s => s.textContent)")
             widths = page.eval_on_selector_all("img[data-done]", "imgs => imgs.map(i => i.naturalWidth)")
-            page.screenshot(path=str(tmp_path / "page.png"))
+            page.screenshot(path=str(folder / "page.png"))
         finally:
             browser.close()
+    assert Image.open(folder / "page.png").size == (900, 520)
+    return rows, widths, prompts
+
+
+def test_the_page_fills_the_grid_in_a_real_browser(server, tmp_path):
+    rows, widths, prompts = fill_the_grid(server.port, tmp_path)
+    assert rows == ["shape1", "shape2", "shape3"] and widths == [32] * 9 and prompts == []
+
+
+def test_the_page_asks_for_the_token_once(checkpoint, tmp_path):
+    if chromium() is None:
+        pytest.skip("no Chromium on this machine (.ci/run installs the OS package `chromium`)")
+    s = Server(checkpoint, tmp_path, "--token", "s3cret")
+    try:
+        rows, widths, prompts = fill_the_grid(s.port, tmp_path, token="s3cret")
+    finally:
+        assert s.stop() == 0
     assert rows == ["shape1", "shape2", "shape3"] and widths == [32] * 9
-    assert Image.open(tmp_path / "page.png").size == (900, 520)
+    assert len(prompts) == 1 and "token" in prompts[0]  # once: the page keeps it for /v1/images too
 
 
 HOSTILE = [  # (body bytes, status, words): what a hostile client sends; never a 5xx, always one line of JSON
