@@ -44,6 +44,7 @@ from typing import Callable
 import torch
 
 from engine.config import DiffusionConfig
+from engine.diffusion import alpha_bar
 from engine.errors import ConfigError, UserError
 from engine.graphs import StepGraphs, default_buckets
 from engine.noise import INITIAL_STREAM, gaussian_noise
@@ -117,11 +118,14 @@ class PlanTable:
                                  *(column.clone() for _ in range(7)))
         self.stream = torch.zeros(capacity, dtype=torch.int64, device=device)
         self.offsets: dict[SampleSettings, int] = {}
+        self.timesteps: dict[SampleSettings, list[int]] = {}  # each plan's t_i on the host
+        ab = alpha_bar(diffusion)
+        self.sigmas = ((1 - ab) / ab).sqrt().tolist()  # sigma_t of every t, on the host: guidance intervals
         self.used = 0
 
     def plan_key(self, settings: SampleSettings) -> SampleSettings:
         """What a plan depends on: the settings without guidance and x0_hat's bounds, steps resolved."""
-        return replace(settings, guidance=0.0, clip_x0=False, threshold=0.0,
+        return replace(settings, guidance=0.0, clip_x0=False, threshold=0.0, guidance_interval=None,
                        steps=settings.num_steps(self.diffusion.num_timesteps))
 
     def fits(self, key: SampleSettings) -> bool:
@@ -139,12 +143,17 @@ class PlanTable:
                 column[at] = values if name == "timesteps" else values.view(-1, 1, 1, 1)
             self.stream[at] = torch.arange(plan.num_steps)
             self.offsets[key] = self.used
+            self.timesteps[key] = plan.timesteps.tolist()
             self.used += plan.num_steps
         return self.offsets[key]
 
+    def guided(self, row: _Row) -> bool:
+        """Whether `row` is guided at its next step (its w != 0, and that step's sigma_t in its interval)."""
+        return row.request.settings.guided_at(self.sigmas[self.timesteps[row.plan][row.remaining - 1]])
+
     def keep_only(self, keys: set[SampleSettings]) -> None:
         """Drop every plan but `keys`, rewriting the table in place (offsets change)."""
-        self.offsets, self.used = {}, 0
+        self.offsets, self.timesteps, self.used = {}, {}, 0
         for key in keys:
             self.offset(key)
 
@@ -178,9 +187,11 @@ class Batch:
 
 
 def batch_of(rows: list[_Row], x: torch.Tensor, x0: torch.Tensor, table: PlanTable, device: torch.device) -> Batch:
-    """The Batch of `rows` (in that order) whose x_t and previous x0_hat are x and x0: the per-row values
-    the host knows are built from the rows, with no device read."""
+    """The Batch of `rows` (in that order, guided rows first) whose x_t and previous x0_hat are x and x0:
+    the per-row values the host knows are built from the rows, with no device read. A row guided at
+    this step has its w; one not guided (w = 0, or this step outside its guidance interval) has w = 0."""
     settings = [row.request.settings for row in rows]
+    guided = [table.guided(row) for row in rows]
 
     def column(values: list, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype, device=device).view(-1, 1, 1, 1)
@@ -189,8 +200,9 @@ def batch_of(rows: list[_Row], x: torch.Tensor, x0: torch.Tensor, table: PlanTab
         x, x0, pos=torch.tensor([table.offsets[row.plan] + row.remaining - 1 for row in rows], device=device),
         labels=torch.stack([row.request.labels[row.image] for row in rows]).to(device, torch.int64),
         keys=torch.stack([row.request.keys[row.image] for row in rows]).to(device, torch.int64),
-        w=column([float(s.guidance) for s in settings]), clip=column([s.clip_x0 for s in settings], torch.bool),
-        threshold=column([float(s.threshold) for s in settings]), guided=sum(s.guidance != 0 for s in settings),
+        w=column([float(s.guidance) if g else 0.0 for s, g in zip(settings, guided)]),
+        clip=column([s.clip_x0 for s in settings], torch.bool),
+        threshold=column([float(s.threshold) for s in settings]), guided=sum(guided),
         bounded=any(s.clip_x0 or s.threshold > 0 for s in settings))
 
 
@@ -241,6 +253,7 @@ class Engine:
         self._waiting: list[Request] = []   # in arrival order
         self._rows: list[_Row] = []
         self._batch: Batch | None = None     # the rows' tensors; None when there are no rows
+        self._guided: list[bool] = []        # which rows the Batch guides, in row order
         self._closed = False
         self._abort: BaseException | None = None  # set from another thread: fail everything at the next step
         self._arrivals = itertools.count()
@@ -352,6 +365,8 @@ class Engine:
         if self.on_step is not None:
             self.on_step(len(self._rows), time.perf_counter() - started)
         self._retire()
+        if [self.table.guided(row) for row in self._rows] != self._guided:  # a row crossed its guidance interval
+            self._rebuild(list(range(len(self._rows))), [])
         return True
 
     def _denoise(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -405,8 +420,8 @@ class Engine:
         offset + remaining - 1 of its own plan, every row's request unfinished."""
         rows, batch = self._rows, self._batch
         assert len(rows) <= self.max_batch, (len(rows), self.max_batch)
-        guided = [row.request.settings.guidance != 0 for row in rows]
-        assert guided == sorted(guided, reverse=True), "guided rows come first"
+        guided = [self.table.guided(row) for row in rows]
+        assert guided == sorted(guided, reverse=True) and guided == self._guided, "guided rows come first"
         if not rows:
             assert batch is None
             return
@@ -533,8 +548,10 @@ class Engine:
         """The rows `keep` (indices of the current rows) then `new`, guided rows first, and their Batch:
         the kept rows' x_t and x0_hat carried over, the new rows' x_T drawn from their keys (or given)."""
         rows = self._rows_at(keep) + new
-        order = sorted(range(len(rows)), key=lambda k: rows[k].request.settings.guidance == 0)
+        guided = [self.table.guided(row) for row in rows]
+        order = sorted(range(len(rows)), key=lambda k: not guided[k])
         self._rows = [rows[k] for k in order]
+        self._guided = [guided[k] for k in order]
         if not self._rows:
             self._batch = None
             return

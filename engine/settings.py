@@ -42,6 +42,15 @@ class SampleSettings:
     guidance: float = 1.8           # w in (1 + w) eps(x, c) - w eps(x, null); 0: purely conditional
     clip_x0: bool = False           # clip the predicted x_0 to [-1, 1] at each step
     threshold: float = THRESHOLD    # dynamic thresholding's percentile p of |x_0| (bound_x0); 0: off
+    # Guidance only at noise levels sigma_t in (lo, hi] (Kynkäänniemi et al. 2024), sigma_t = sqrt((1 -
+    # ab_t) / ab_t) as in their EDM notation; a step outside adds no unconditional row. None: every step.
+    guidance_interval: tuple[float, float] | None = None
+
+    def guided_at(self, sigma: float) -> bool:
+        """Whether a step at noise level sigma is guided."""
+        if self.guidance == 0:
+            return False
+        return self.guidance_interval is None or self.guidance_interval[0] < sigma <= self.guidance_interval[1]
 
     def num_steps(self, num_timesteps: int) -> int:
         """The steps this sampler takes on a model with T = num_timesteps."""
@@ -112,6 +121,13 @@ class Field:
             if type(value) is not bool:
                 raise FieldError(self.name, f"must be true or false, not {shown(value)}")
             return value
+        if self.kind is tuple:  # an interval (lo, hi] of numbers, lo < hi
+            if type(value) not in (list, tuple) or len(value) != 2:
+                raise FieldError(self.name, f"must be two numbers [lo, hi], not {shown(value)}")
+            lo, hi = (Field(self.name, float, self.help, self.lo, self.hi).check(v) for v in value)
+            if not lo < hi:
+                raise FieldError(self.name, f"needs lo < hi, not {lo:g}, {hi:g}")
+            return (lo, hi)
         if self.kind is str:
             if type(value) is not str or value not in self.choices:
                 raise FieldError(self.name, f"unknown {self.name} {shown(value)}; use {', '.join(self.choices)}")
@@ -140,6 +156,13 @@ class Field:
             if not (body.isascii() and body.isdigit()) or len(body) > 40:
                 raise FieldError(self.name, f"{shown(text)} is not an integer")
             return self.check(int(text))
+        if self.kind is tuple:
+            if text.strip().lower() == "none":
+                return self.check(None)
+            parts = text.split(",")
+            if len(parts) != 2:
+                raise FieldError(self.name, f"{shown(text)} is not LO,HI")
+            return self.check(tuple(Field(self.name, float, self.help).parse(part.strip()) for part in parts))
         if self.kind is float:
             if not text.isascii() or "_" in text:
                 raise FieldError(self.name, f"{shown(text)} is not a number")
@@ -155,6 +178,8 @@ class Field:
             return "true or false"
         if self.kind is str:
             return f"one of {', '.join(self.choices)}"
+        if self.kind is tuple:
+            return f"two numbers [lo, hi] in {self.interval()}"
         return f"{'an integer' if self.kind is int else 'a number'} in {self.interval()}"
 
     def interval(self) -> str:
@@ -187,6 +212,9 @@ FIELDS = {field.name: field for field in (
     Field("clip_x0", bool, "clip the predicted x_0 to [-1, 1] at each step"),
     Field("threshold", float, "dynamic thresholding (Imagen): at each step s = max(1, the P-quantile of |x_0| of "
           "the image), x_0 -> clip(x_0, -s, s) / s; 0 turns it off", lo=0.0, hi=1.0),
+    Field("guidance_interval", tuple, "guide only the steps whose noise level sigma_t = sqrt((1 - ab_t) / ab_t) is "
+          "in (LO, HI] (Kynkäänniemi et al. 2024: guidance is harmful at high noise and useless at low); a step "
+          "outside makes no unconditional U-Net call; none: every step", lo=0.0, hi=1e6, optional=True),
     Field("seed", int, "run seed: image i has the noise of (seed, i)", lo=0, hi=MASK32),
 )}
 SETTINGS = tuple(f.name for f in fields(SampleSettings))  # the fields that are SampleSettings'; seed is a run's

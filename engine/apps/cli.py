@@ -133,7 +133,7 @@ def add_sample(commands) -> None:
     sample.add_argument("--classes", default=None, help="comma-separated class indices or names (default: all)")
     for name in SETTINGS:
         if name != "guidance":  # sampling_flags': interpolate takes it too, with its own default
-            field_flag(sample, name, metavar="P" if name == "threshold" else None)
+            field_flag(sample, name, metavar={"threshold": "P", "guidance_interval": "LO,HI"}.get(name))
     sample.add_argument("--batch-size", type=int_range(1), default=None,
                         help="images per model call (default: 256 on a GPU, 32 on the CPU, where larger batches "
                              f"cost more per image; at most {SHARD_IMAGES})")

@@ -3,11 +3,15 @@ request beside a big one and a big one in a stream of small ones both finish wit
 cancelled rows leave at the next step; a request is checked whole on submit, and a step that fails
 anyway ends only the requests that make it fail; the batch's invariants hold after every step."""
 
+import math
+from dataclasses import replace
+
 import pytest
 import torch
 
 from engine.config import DiffusionConfig, ModelConfig
 from engine.core import Engine, EngineClosed, NonFiniteImages, Request, fair_shares
+from engine.diffusion import alpha_bar
 from engine.formats.checkpoint import Checkpoint
 from engine.noise import INITIAL_STREAM, gaussian_noise, image_keys
 from engine.sampler import update
@@ -47,14 +51,18 @@ def request(settings, indices, seed=3, classes=(1, 4, 7)):
 @torch.no_grad()
 def reference(model, settings, labels, keys):
     """Today's `ddpm-engine sample` loop, written out: one batch from x_T to x_0, guidance from two
-    separate model calls, the plan's step i with the images' noise of stream i."""
+    separate model calls (only at the steps whose sigma_t is in the guidance interval, if any), the
+    plan's step i with the images' noise of stream i."""
     plan = settings.plan(DIFFUSION)
     x = gaussian_noise(keys, INITIAL_STREAM, SHAPE)
     x0 = torch.zeros_like(x)
-    w = settings.guidance
+    ab = alpha_bar(DIFFUSION)
     for i in reversed(range(plan.num_steps)):
         t = plan.timesteps[i].expand(len(x))
         eps = model(x, t, labels)
+        sigma = float(((1 - ab[plan.timesteps[i]]) / ab[plan.timesteps[i]]).sqrt())
+        lo, hi = settings.guidance_interval or (-1.0, math.inf)
+        w = settings.guidance if lo < sigma <= hi else 0.0
         if w:
             eps = (1 + w) * eps - w * model(x, t, torch.full_like(labels, NULL))
         x, x0 = update(plan, i, x, eps, gaussian_noise(keys, i, SHAPE), x0, settings.clip_x0, settings.threshold)
@@ -129,6 +137,35 @@ def test_one_model_call_a_step_with_the_unconditional_rows_of_the_guided_only(mo
     engine.submit(request(SampleSettings(sampler="ddim", steps=2, guidance=0.0), range(2)))
     engine.run()
     assert counted.sizes == [5 + 3, 5 + 3]
+
+
+def test_a_guidance_interval_guides_only_its_steps_and_shrinks_the_other_calls(model):
+    """Guidance at sigma_t in (lo, hi] only (Kynkäänniemi et al. 2024): the steps outside make no
+    unconditional rows (the U-Net batch shrinks), and the images equal the reference loop that guides
+    only those steps, alone and beside requests guided at every step, unguided, or with another interval."""
+    ab = alpha_bar(DIFFUSION)
+    plan = SampleSettings(sampler="ddim", steps=6).plan(DIFFUSION)
+    sigmas = [float(((1 - ab[t]) / ab[t]).sqrt()) for t in plan.timesteps]  # increasing with i
+    interval = (sigmas[1], sigmas[3])  # guides steps i = 2, 3 only
+    mine = SampleSettings(sampler="ddim", steps=6, guidance=2.0, guidance_interval=interval)
+    counted = CallSizes(model)
+    engine = engine_of(counted)
+    alone = engine.submit(request(mine, range(3)))
+    run_checked(engine)
+    assert counted.sizes == [3, 3, 6, 6, 3, 3]  # i = 5..0: only i = 3, 2 call the null class too
+    want = reference(model, mine, alone.labels, alone.keys)
+    assert (alone.wait() - want).abs().max() <= 1e-4
+    assert (want - reference(model, replace(mine, guidance_interval=None), alone.labels, alone.keys)).abs().max() > 1e-3
+    engine = engine_of(model)
+    others = [engine.submit(request(s, range(10 + 3 * k, 13 + 3 * k), seed=k)) for k, s in enumerate([
+        SampleSettings(sampler="ddim", steps=6, guidance=2.0), SampleSettings(sampler="ddpm", steps=9, guidance=0.0),
+        SampleSettings(sampler="dpm++2m", steps=5, guidance=1.0, guidance_interval=(0.0, sigmas[2]))])]
+    engine.step()
+    mixed = engine.submit(request(mine, range(3)))
+    run_checked(engine)
+    assert (mixed.wait() - want).abs().max() <= 1e-4
+    for other in others:
+        assert (other.wait() - reference(model, other.settings, other.labels, other.keys)).abs().max() <= 1e-4
 
 
 def test_a_small_request_does_not_wait_for_a_big_one(model):

@@ -69,7 +69,8 @@ def test_step_graphs_pad_to_the_bucket_and_return_the_rows():
     SampleSettings(sampler="ddpm", steps=4, guidance=1.5, clip_x0=True),
     SampleSettings(sampler="ddim", steps=3, eta=0.5, guidance=1.5),
     SampleSettings(sampler="dpm++2m", steps=4, guidance=0.0),
-], ids=["ddpm-clip", "ddim", "dpm-unguided"])
+    SampleSettings(sampler="ddim", steps=4, guidance=2.0, guidance_interval=(0.5, 5.0)),
+], ids=["ddpm-clip", "ddim", "dpm-unguided", "ddim-guidance-interval"])
 def test_bucketed_steps_equal_the_plain_step(model, settings):
     """5 rows padded to the bucket of 8, every row computing its unconditional half (w = 0 rows
     weigh it by 0): the plain step's images, up to the convolutions' summation order."""

@@ -58,6 +58,10 @@ SAME_VALUE = [
     ("seed", "4294967295", 4294967295), ("seed", "4294967296", 4294967296), ("seed", "-1", -1),
     ("sampler", "ddim", "ddim"), ("sampler", "euler", "euler"), ("spacing", "trailing", "trailing"),
     ("variance", "small", "small"), ("variance", "tiny", "tiny"),
+    ("guidance_interval", "0.3,3", [0.3, 3]), ("guidance_interval", "0, 80.5", [0, 80.5]),
+    ("guidance_interval", "3,0.3", [3, 0.3]), ("guidance_interval", "1,1", [1, 1]), ("guidance_interval", "1", [1]),
+    ("guidance_interval", "-1,2", [-1, 2]), ("guidance_interval", "nan,2", [math.nan, 2]),
+    ("guidance_interval", "none", None), ("guidance_interval", "1,2,3", [1, 2, 3]),
 ]
 
 
@@ -85,6 +89,8 @@ def test_the_cli_and_the_server_accept_and_refuse_the_same_values(tiny_checkpoin
     ("clip_x0", None), ("threshold", None), ("eta", None), ("seed", None), ("sampler", None),
     ("clip_x0", 1), ("clip_x0", "true"), ("eta", True), ("steps", True), ("steps", 3.0), ("seed", "5"),
     ("guidance", [1]), ("guidance", {"w": 1}), ("threshold", 10**400), ("spacing", 3),
+    ("guidance_interval", [2, 1]), ("guidance_interval", "0.3,3"), ("guidance_interval", [True, 2]),
+    ("guidance_interval", [0, math.inf]),
 ])
 def test_a_field_refuses_what_is_not_one_of_its_values(name, value):
     with pytest.raises(FieldError) as e:
@@ -94,7 +100,8 @@ def test_a_field_refuses_what_is_not_one_of_its_values(name, value):
 
 def test_null_is_a_value_only_where_the_field_says_so():
     assert FIELDS["steps"].check(None) is None  # the sampler's default number of steps
-    assert [name for name, f in FIELDS.items() if f.optional] == ["steps"]
+    assert FIELDS["guidance_interval"].check(None) is None  # guidance at every step
+    assert [name for name, f in FIELDS.items() if f.optional] == ["steps", "guidance_interval"]
 
 
 @pytest.mark.parametrize("given", [dict(threshold=None), dict(clip_x0=None), dict(eta=math.nan), dict(steps=0),
