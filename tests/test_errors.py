@@ -19,9 +19,10 @@ from export.cli import main as export_main
 from training.cli import main as train_main
 
 # Exceptions that are not "your input is wrong": the engine stopping under a request, another rank's
-# failure (that rank printed its own line), and the server's HTTP answer (a status and one line, 4xx
-# for bad input but also 429 and 503).
-INTERNAL = {"EngineClosed", "OtherRankFailed", "BadRequest"}
+# failure (that rank printed its own line), the server's HTTP answer (a status and one line, 4xx
+# for bad input but also 429 and 503), a client that left mid-body (nobody to answer), and a request
+# ended by the drain past its grace period (a 503).
+INTERNAL = {"EngineClosed", "OtherRankFailed", "BadRequest", "ClientGone", "Drained"}
 
 
 def project_exceptions():
