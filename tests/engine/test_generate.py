@@ -10,7 +10,7 @@ from engine.formats.checkpoint import Checkpoint
 from engine.generate import INTERPOLATION, generate, interpolate, labels_for, slerp
 from engine.model import UNet
 from engine.settings import SampleSettings
-from tests.engine.support import same_images
+from tests.support import same_images
 
 CONFIG = PRESETS["tiny"]
 DIFFUSION = DiffusionConfig(num_timesteps=100)

@@ -9,7 +9,7 @@ from PIL import Image
 
 from engine.apps.cli import main
 from engine.formats.checkpoint import load_checkpoint, save_checkpoint
-from tests.engine.support import same_images
+from tests.support import same_images
 
 
 def sample(checkpoint, out, *extra):
