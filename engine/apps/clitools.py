@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from engine.errors import UserError
-from engine.settings import FIELDS, FieldError, SampleSettings
+from engine.settings import FIELDS, SETTINGS, FieldError, SampleSettings
 
 MAX_MESSAGE = 300  # characters of an error line: a message never echoes a whole file or flag back
 
@@ -136,8 +136,7 @@ def field_flag(parser: argparse.ArgumentParser, name: str, *aliases: str, defaul
 def settings_of(args: argparse.Namespace, **given) -> SampleSettings:
     """The SampleSettings of a command's parsed flags (a field without a flag keeps its default), with
     `given` over them (e.g. the guidance resolved against the model)."""
-    names = [name for name in SampleSettings.__dataclass_fields__ if hasattr(args, name)]
-    return SampleSettings(**{**{name: getattr(args, name) for name in names}, **given})
+    return SampleSettings(**{**{name: getattr(args, name) for name in SETTINGS if hasattr(args, name)}, **given})
 
 
 def console_main(prog: str, module: str) -> int:

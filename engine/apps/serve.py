@@ -5,9 +5,9 @@ parse and check a request, submit it to the engine and await it, so the loop nev
 model. Rows of every client's requests share the engine's steps (engine/core.py): a request that
 arrives while others run joins at the next step with free slots.
 
-    POST /v1/images   {"classes": [...] | "class": c, "n", "guidance", "sampler", "steps", "seed",
-                       "eta", "spacing", "variance", "clip_x0", "threshold"}: the names, defaults and ranges of
-                      `ddpm-engine sample`'s flags; image i has class classes[i % len(classes)] and
+    POST /v1/images   {"classes": [...] | "class": c, "n", and the sampling fields of engine.settings.FIELDS}:
+                      the names, defaults and ranges of `ddpm-engine sample`'s flags, from that one
+                      table; image i has class classes[i % len(classes)] and
                       the noise of (seed, i), so it equals image i of `ddpm-engine sample` with the
                       same flags. Answers a JSON list of base64 PNGs and the settings used,
                       `Accept: image/png` a grid (one row per class), `Accept: text/event-stream`
@@ -17,11 +17,12 @@ arrives while others run joins at the next step with free slots.
     GET /metrics      Prometheus text (prometheus-client)
     GET /             a small page: pick classes and guidance, watch the grid fill in
 
-Errors are one line of JSON, {"error": "..."}, with a 4xx status for bad input (400 malformed,
-413 too large, 422 out of range or unknown, 401 without the --token, 429 with Retry-After when
-the queue is full, 503 while draining); a client that disconnects cancels its request, whose
-rows leave the batch at the next step. SIGTERM stops admitting, lets in-flight requests finish
-(up to --grace seconds) and exits 0. The server keeps no state between requests: replicas
+Errors are one line of JSON, {"error": "..."}, with a 4xx status for bad input (400 malformed or
+nested too deep, 408 a head or body too slow, 413 too large, 422 a field of the wrong type, out of
+range or unknown, 401 without the --token, 429 with Retry-After when the queue is full, 503 while
+draining or past --max-connections); a client that disconnects cancels its request, whose rows leave
+the batch at the next step. SIGTERM stops admitting, lets in-flight requests finish (up to --grace
+seconds), answers those still running then with a 503, and exits 0. The server keeps no state between requests: replicas
 behind any HTTP load balancer scale it out (docs/serving.md).
 """
 
@@ -58,18 +59,8 @@ from engine.errors import UserError
 from engine.formats.checkpoint import Checkpoint
 from engine.formats.images import class_rows, grid
 from engine.generate import labels_for, to_uint8
-from engine.noise import MASK32, image_keys
-from engine.sampler import SAMPLERS, SPACINGS
-from engine.settings import (
-    FIELDS,
-    MAX_GUIDANCE,
-    Field,
-    FieldError,
-    SampleSettings,
-    model_classes,
-    resolve_guidance,
-    shown,
-)
+from engine.noise import image_keys
+from engine.settings import FIELDS, Field, FieldError, SampleSettings, model_classes, resolve_guidance, shown
 
 SAMPLE = SampleSettings()  # the defaults, as `ddpm-engine sample` reads them
 log = logging.getLogger("ddpm-engine.apps.serve")
@@ -435,8 +426,9 @@ class Api:
         return JSONResponse({
             "classes": list(self.ckpt.class_names), "image_size": config.image_size, "guidable": config.guidable,
             "num_timesteps": T, "engine": self.service.engine.name, "defaults": {**asdict(SAMPLE), "n_per_class": 10},
-            "samplers": list(SAMPLERS), "spacings": list(SPACINGS),
-            "limits": {"n": self.options.max_images, "guidance": MAX_GUIDANCE, "steps": T, "seed": MASK32}})
+            "samplers": list(FIELDS["sampler"].choices), "spacings": list(FIELDS["spacing"].choices),
+            "limits": {"n": self.options.max_images, "guidance": FIELDS["guidance"].hi, "steps": T,
+                       "seed": FIELDS["seed"].hi}})
 
     async def healthz(self, http: HttpRequest) -> Response:
         return JSONResponse({"status": "ok"})
